@@ -1,0 +1,249 @@
+"""ViT encoder and narrow ViT predictor for an image JEPA.
+
+Shape legend
+    B   batch size                      C   image channels (3)
+    H,W image height, width             P   patch size
+    h,w patch grid (H/P, W/P)           N   patches per image, h * w, numbered row-major
+    K   kept tokens per sample (the visible context), padded to the batch maximum
+    M   target blocks per sample        T   tokens per target block, padded to the batch maximum
+    R   rows of the predictor batch, B * M (one row per sample and target block)
+    D   encoder width                   E   predictor width
+    L   sequence length seen by a Transformer block
+
+Padding: a sample keeps *all* its visible patches. Shorter samples are padded to the batch maximum,
+and each padded position is flagged invalid: no real token attends to it (attention mask), and the
+losses and pooled features skip it. A sample's outputs are thus the same alone or in any batch.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Encoder sizes: tiny/small/base are ViT-Ti/S/B (Touvron et al. 2021; Dosovitskiy et al. 2021).
+# Predictor: I-JEPA uses a narrow ViT of width 384 and depth 6-12 (Assran et al. 2023, Sec. 4);
+# we keep depth 6 and width 384 for base and scale the width down with the encoder.
+PRESETS = {
+    "nano":  dict(embed_dim=96,  depth=6,  num_heads=3,  pred_dim=64,  pred_depth=3, pred_heads=2),
+    "tiny":  dict(embed_dim=192, depth=12, num_heads=3,  pred_dim=96,  pred_depth=6, pred_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6,  pred_dim=192, pred_depth=6, pred_heads=6),
+    "base":  dict(embed_dim=768, depth=12, num_heads=12, pred_dim=384, pred_depth=6, pred_heads=12),
+}
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def sincos_pos_embed(h, w, dim, device=None):
+    """Fixed 2-D sin-cos position embedding (MAE, He et al. 2022): half the channels encode the row,
+    half the column, each as [sin(p * f_k), cos(p * f_k)] with f_k = 10000^(-k / (dim/4)).
+
+    Computed for any grid, so a model trained at one resolution runs at another.
+    Shape: returns (h * w, dim), row-major like the patches.
+    """
+    if dim % 4:
+        raise ValueError(f"width {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, device=device) / (dim // 4))         # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    angles_r = rows.flatten()[:, None] * freqs                                            # (N, dim/4)
+    angles_c = cols.flatten()[:, None] * freqs
+    return torch.cat([angles_r.sin(), angles_r.cos(), angles_c.sin(), angles_c.cos()], 1)   # (N, dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):
+        b, length, dim = x.shape
+        qkv = self.qkv(x).view(b, length, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                   # each (B, heads, L, dim/heads)
+        # attn_mask (B, 1, 1, L): True = a real key. Fused kernels on GPU; no probabilities stored.
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(b, length, dim))            # (B, L, dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.norm1(x), attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module, blocks):
+    """ViT/I-JEPA init, applied once at construction: truncated normal (std 0.02) for linear and conv
+    weights, zero biases, unit LayerNorms; the two residual projections of block l are divided by
+    sqrt(2 (l + 1)) so the residual stream does not grow with depth (I-JEPA's `fix_init_weight`)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for layer, block in enumerate(blocks):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * (layer + 1)))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * (layer + 1)))
+
+
+def key_padding_mask(valid):
+    """(B, L) bool, True = real token -> (B, 1, 1, L), broadcast over heads and queries; None if no padding."""
+    return None if valid is None else valid[:, None, None, :]
+
+
+def block_flops(length, dim, mlp_ratio=4.0):
+    """Forward multiply-add FLOPs (x2) of one Block on a length-L sequence: the qkv, proj and MLP
+    matmuls, 2 L D (3D + D + 2 mlp_ratio D), plus attention scores and weighted sum, 2 * 2 L^2 D."""
+    return 2 * length * dim * (4 * dim + 2 * int(dim * mlp_ratio)) + 4 * length * length * dim
+
+
+# ----------------------------------------------------------------------------- encoder
+
+class Encoder(nn.Module):
+    """ViT encoder without CLS token: patchify, add sin-cos positions, keep the visible patches,
+    run the Transformer. The same module is the context encoder (kept patches only) and, as an EMA
+    copy, the target encoder (all patches)."""
+
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, in_chans=3):
+        super().__init__()
+        self.patch_size, self.embed_dim = patch_size, embed_dim
+        self.mlp_ratio = mlp_ratio
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim)
+        init_weights(self, self.blocks)
+
+    def grid(self, height, width):
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} is not divisible by patch size {self.patch_size}: "
+                             f"change --img-size or --patch-size")
+        return height // self.patch_size, width // self.patch_size
+
+    def forward(self, images, keep_idx=None, keep_valid=None):
+        """Shape: images (B, C, H, W); keep_idx, keep_valid (B, K) or None (keep all N) -> (B, K, D)."""
+        h, w = self.grid(*images.shape[-2:])
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)                 # (B, N, D)
+        x = x + sincos_pos_embed(h, w, self.embed_dim, x.device).to(x.dtype)
+        if keep_idx is not None:
+            x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
+        attn_mask = key_padding_mask(keep_valid)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.norm(x)                                                      # (B, K, D)
+
+    def flops(self, num_tokens):
+        """Forward FLOPs per image for `num_tokens` kept tokens (patch embedding on all N is
+        not counted here; see `patch_embed_flops`)."""
+        return len(self.blocks) * block_flops(num_tokens, self.embed_dim, self.mlp_ratio)
+
+    def patch_embed_flops(self, num_patches):
+        return 2 * num_patches * self.patch_embed.weight[0].numel() * self.embed_dim
+
+
+# ----------------------------------------------------------------------------- predictor
+
+class Predictor(nn.Module):
+    """Narrow ViT that predicts target-encoder features at the target positions (I-JEPA Sec. 3).
+
+    Input per row (one row per sample and target block): the sample's context tokens, projected to
+    width E and tagged with their positions, followed by one learned mask token per target patch,
+    tagged with that patch's position. Output: the mask tokens' final states, projected back to D.
+    """
+
+    def __init__(self, embed_dim=384, pred_dim=192, depth=6, num_heads=6, mlp_ratio=4.0):
+        super().__init__()
+        self.pred_dim, self.mlp_ratio = pred_dim, mlp_ratio
+        self.embed = nn.Linear(embed_dim, pred_dim)
+        self.mask_token = nn.Parameter(torch.zeros(pred_dim))
+        self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(pred_dim)
+        self.proj = nn.Linear(pred_dim, embed_dim)
+        init_weights(self, self.blocks)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, context, context_idx, context_valid, target_idx, target_valid, grid):
+        """Shape: context (B, K, D); context_idx, context_valid (B, K); target_idx, target_valid
+        (R, T) with R = B * M, row b * M + m for sample b, block m; grid (h, w) -> (R, T, D)."""
+        num_blocks = target_idx.shape[0] // context.shape[0]
+        pos = sincos_pos_embed(*grid, self.pred_dim, context.device).to(context.dtype)               # (N, E)
+        x = self.embed(context) + pos[context_idx]                              # (B, K, E)
+        x = x.repeat_interleave(num_blocks, 0)                                  # (R, K, E)
+        queries = self.mask_token + pos[target_idx]                             # (R, T, E)
+        x = torch.cat([x, queries], 1)                                          # (R, K + T, E)
+        valid = torch.cat([context_valid.repeat_interleave(num_blocks, 0), target_valid], 1)
+        attn_mask = key_padding_mask(valid)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return self.proj(self.norm(x[:, context.shape[1]:]))                   # (R, T, D)
+
+    def flops(self, num_context, num_targets, embed_dim, num_blocks):
+        """Forward FLOPs per sample: the context is embedded once, then each of the M rows runs
+        the blocks on K + T tokens and projects its T outputs back to D."""
+        per_row = (len(self.blocks) * block_flops(num_context + num_targets, self.pred_dim, self.mlp_ratio)
+                   + 2 * num_targets * self.pred_dim * embed_dim)
+        return 2 * num_context * embed_dim * self.pred_dim + num_blocks * per_row
+
+
+# ----------------------------------------------------------------------------- presets
+
+def preset(name, **overrides):
+    """The preset's sizes with every non-None override applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset '{name}': choose one of {', '.join(PRESETS)}")
+    return {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def build_encoder(name, img_size, patch_size, embed_dim=None, depth=None, num_heads=None):
+    """An Encoder of preset `name`; raises ValueError if img_size is not a multiple of patch_size."""
+    if img_size % patch_size:
+        raise ValueError(f"--img-size {img_size} is not divisible by --patch-size {patch_size}")
+    sizes = preset(name, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
+    return Encoder(patch_size, sizes["embed_dim"], sizes["depth"], sizes["num_heads"])
+
+
+def build_predictor(name, embed_dim=None, pred_dim=None, pred_depth=None, pred_heads=None):
+    sizes = preset(name, embed_dim=embed_dim, pred_dim=pred_dim, pred_depth=pred_depth, pred_heads=pred_heads)
+    return Predictor(sizes["embed_dim"], sizes["pred_dim"], sizes["pred_depth"], sizes["pred_heads"])
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+if __name__ == "__main__":
+    # A table of the presets: parameters and forward FLOPs per image at their usual resolution,
+    # for the target encoder (all N patches) and the context encoder (about half of them visible).
+    print(f"{'preset':6} {'img/patch':>9} {'N':>4} {'D':>4} {'depth':>5} {'enc params':>11} {'pred params':>11} "
+          f"{'GFLOPs all N':>12} {'GFLOPs N/2':>10}")
+    for name, img, patch in [("nano", 32, 4), ("tiny", 64, 8), ("tiny", 224, 16), ("small", 224, 16),
+                             ("base", 224, 16)]:
+        encoder, predictor = build_encoder(name, img, patch), build_predictor(name)
+        n = (img // patch) ** 2
+        full = (encoder.flops(n) + encoder.patch_embed_flops(n)) / 1e9
+        half = (encoder.flops(n // 2) + encoder.patch_embed_flops(n)) / 1e9
+        print(f"{name:6} {f'{img}/{patch}':>9} {n:>4} {encoder.embed_dim:>4} {len(encoder.blocks):>5} "
+              f"{count_params(encoder) / 1e6:>10.2f}M {count_params(predictor) / 1e6:>10.2f}M {full:>12.3f} {half:>10.3f}")
