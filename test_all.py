@@ -4,18 +4,27 @@ Each test names the failure it would catch; several come from audits of earlier 
 (context silently shrinking, padding contamination, EMA before the step, modules missing from the
 optimizer, gradients cut by .item() or casts, the reference mask sampler's blind spots).
 """
+import io
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+import warnings
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+from PIL import Image
+from torch.utils.data import DataLoader
 
 import data
+import eval_probe
 import losses
 import masks
 import model
@@ -308,6 +317,445 @@ def test_prediction_loss_ignores_padding_and_jepa_loss_mixes_with_one_lambda():
     torch.testing.assert_close(loss, 0.7 * l2_part + 0.3 * reg)
 
 
+# ============================================================================= data.py
+
+def _save(img: Image.Image, path, **kwargs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kwargs)
+
+
+def _noise_rgb(seed: int, size=(20, 14)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+# ---- synthetic ----
+
+def test_synthetic_is_deterministic_per_index_and_split():
+    first = data.build_dataset("synthetic", None, "train", 32, augment=False)
+    again = data.build_dataset("synthetic", None, "train", 32, augment=False)
+    val = data.build_dataset("synthetic", None, "val", 32, augment=False)
+    assert torch.equal(first[5][0], again[5][0])
+    assert not torch.equal(first[5][0], first[15][0])  # same class, different image
+    assert not torch.equal(first[5][0], val[5][0])
+    assert (len(first), len(val)) == (20_000, 4_000)
+
+
+@pytest.mark.parametrize("img_size,augment", [(32, False), (32, True), (48, False), (48, True)])
+def test_synthetic_items_shapes_and_labels(img_size, augment):
+    dataset = data.build_dataset("synthetic", None, "train", img_size, augment)
+    items = [dataset[i] for i in range(30)]
+    for image, label, skipped in items:
+        assert image.shape == (3, img_size, img_size) and image.dtype == torch.uint8
+        assert isinstance(label, int) and skipped == 0
+    assert sorted({label for _, label, _ in items}) == list(range(10))
+    assert dataset.num_classes == len(dataset.classes) == 10
+
+
+def test_synthetic_augmentation_follows_torch_seed():
+    dataset = data.build_dataset("synthetic", None, "train", 32, augment=True)
+    torch.manual_seed(0)
+    first = dataset[3][0]
+    torch.manual_seed(0)
+    assert torch.equal(first, dataset[3][0])
+    assert not torch.equal(first, dataset[3][0])
+
+
+def test_synthetic_mean_colour_does_not_reveal_class():
+    dataset = data.build_dataset("synthetic", None, "train", 32, augment=False)
+    means = torch.stack([dataset[i][0].float().mean((1, 2)) for i in range(600)])
+    labels = torch.arange(600) % 10
+    centroids = torch.stack([means[:400][labels[:400] == c].mean(0) for c in range(10)])
+    predicted = torch.cdist(means[400:], centroids).argmin(1)
+    assert (predicted == labels[400:]).float().mean() < 0.25
+
+
+# ---- image folders with broken and unusual files ----
+
+def _messy_folder(root):
+    """root/train/{a,b,empty}, root/val/a; returns (paths of good files, paths of bad files)."""
+    train = root / "train"
+    good = []
+    for i in range(3):
+        _save(_noise_rgb(i), train / "a" / f"good_{i}.jpg")
+        good.append(train / "a" / f"good_{i}.jpg")
+    bad = [train / "a" / "bad_text.jpg", train / "a" / "bad_truncated.jpg", train / "a" / "bad_zero.jpg",
+           train / "b" / "zz_bad_zero.png"]  # the last file of all: the replacement wraps to index 0
+    bad[0].write_text("this is not an image")
+    jpeg = io.BytesIO()
+    _noise_rgb(9, (64, 64)).save(jpeg, "JPEG")
+    bad[1].write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    bad[2].write_bytes(b"")
+    rgba = Image.new("RGBA", (9, 7), (255, 0, 0, 128))
+    gray16 = Image.fromarray(np.full((6, 8), 40000, np.uint16))
+    cmyk = Image.new("CMYK", (16, 16), (0, 255, 255, 0))  # red
+    palette = _noise_rgb(3).convert("P", palette=Image.ADAPTIVE, colors=8)
+    specials = {"rgba.png": rgba, "gray16.png": gray16, "gray.png": _noise_rgb(4).convert("L"),
+                "cmyk.jpg": cmyk, "palette.png": palette, "tiny.png": Image.new("RGB", (1, 1), (1, 2, 3))}
+    for name, img in specials.items():
+        _save(img, train / "b" / name)
+        good.append(train / "b" / name)
+    bad[3].write_bytes(b"")
+    (train / "empty").mkdir()
+    (train / "empty" / "notes.txt").write_text("not an image")
+    (train / "a" / "readme.md").write_text("ignored: not an image extension")
+    _save(_noise_rgb(7), root / "val" / "a" / "v.jpg")
+    return [str(p) for p in good], [str(p) for p in bad]
+
+
+def _expected(path, img_size):
+    img = data.decode_image(path, round(img_size / 0.875))
+    return data._to_tensor(data.center_crop(img, img_size, round(img_size / 0.875)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_image_folder_survives_bad_files(tmp_path, num_workers):
+    good, bad = _messy_folder(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = data.build_dataset(str(tmp_path), None, "train", 16, augment=False)
+        assert dataset.classes == ["a", "b"]  # the empty class folder is ignored
+        assert len(dataset) == len(good) + len(bad)
+        loader = DataLoader(dataset, batch_size=4, num_workers=num_workers)
+        for _ in range(2):
+            images, skipped = [], 0
+            for batch, labels, batch_skipped in loader:
+                assert batch.shape[1:] == (3, 16, 16) and batch.dtype == torch.uint8
+                images += [image for image in batch]
+                skipped += int(batch_skipped.sum())
+            assert skipped == len(bad)
+            for path in good:
+                assert any(torch.equal(_expected(path, 16), image) for image in images), path
+    messages = [str(w.message) for w in caught]
+    assert sum("without images" in m and "empty" in m for m in messages) == 1
+    if num_workers == 0:  # worker processes warn on their own stderr
+        for path in bad:
+            assert sum(path in m for m in messages) == 1, path
+
+
+def test_modes_convert_to_sensible_rgb(tmp_path):
+    good, _ = _messy_folder(tmp_path)
+    pixel = {os.path.basename(p): np.array(data.decode_image(p, 1))[0, 0] for p in good}
+    assert abs(pixel["rgba.png"] - [128, 0, 0]).max() <= 1  # half-transparent red on black
+    assert list(pixel["gray16.png"]) == [156] * 3  # 40000 / 256
+    assert pixel["cmyk.jpg"][0] > 200 and pixel["cmyk.jpg"][1:].max() < 60
+    assert list(pixel["tiny.png"]) == [1, 2, 3]
+    palette_path = [p for p in good if p.endswith("palette.png")][0]
+    palette = Image.open(palette_path).convert("RGB")
+    assert np.array_equal(np.array(data.decode_image(palette_path, 1)), np.array(palette))
+
+
+def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
+    _save(_noise_rgb(0, (64, 64)), tmp_path / "c" / "big.png")
+    _save(_noise_rgb(1, (8, 8)), tmp_path / "c" / "small.png")
+    dataset = data.build_dataset(str(tmp_path), None, "train", 8, augment=False)
+    small = _expected(str(tmp_path / "c" / "small.png"), 8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4096 pixels: Pillow only warns
+    with pytest.warns(UserWarning, match="big.png"):
+        image, _, skipped = dataset[0]
+    assert skipped == 1 and torch.equal(image, small)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: Pillow raises
+    image, _, skipped = dataset[0]
+    assert skipped == 1 and torch.equal(image, small)
+
+
+def test_too_many_unreadable_files_raise(tmp_path, monkeypatch):
+    for i in range(5):
+        (tmp_path / "c").mkdir(exist_ok=True)
+        (tmp_path / "c" / f"{i}.jpg").write_bytes(b"")
+    monkeypatch.setattr(data, "MAX_CONSECUTIVE_FAILURES", 3)
+    dataset = data.build_dataset(str(tmp_path), None, "train", 8, augment=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(data.DataError, match="too many unreadable"):
+            dataset[0]
+
+
+def test_folder_without_split_holds_out_every_tenth_image(tmp_path):
+    for i in range(20):
+        _save(_noise_rgb(i, (4, 4)), tmp_path / "c" / f"{i:02d}.png")
+    train = data.build_dataset(str(tmp_path), None, "train", 4, augment=True)
+    val = data.build_dataset(str(tmp_path), None, "val", 4, augment=False)
+    assert [os.path.basename(p) for p, _ in val.samples] == ["09.png", "19.png"]
+    assert len(train) == 18 and train[0][0].shape == (3, 4, 4)
+
+
+def test_user_errors_are_data_errors(tmp_path):
+    with pytest.raises(data.DataError, match="unknown --data 'imagenet'"):
+        data.build_dataset("imagenet", None, "train", 32, False)
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.build_dataset(str(tmp_path / "missing"), None, "train", 32, False)
+    (tmp_path / "no_classes").mkdir()
+    with pytest.raises(data.DataError, match="no class folders"):
+        data.build_dataset(str(tmp_path / "no_classes"), None, "train", 32, False)
+    with pytest.raises(data.DataError, match="unknown split"):
+        data.build_dataset("synthetic", None, "test", 32, False)
+
+
+# ---- cifar10 ----
+
+def _fake_cifar_batches(count=4):
+    batches = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        pixels = np.zeros((count, 3, 32, 32), np.uint8)
+        pixels[:, 0] = (np.arange(1024) % 256).reshape(32, 32)  # red varies along rows and columns
+        pixels[:, 1], pixels[:, 2] = 20 + i, 30
+        batches[name] = pickle.dumps({b"data": pixels.reshape(count, -1), b"labels": [i, 9, 0, 1][:count]})
+    return batches
+
+
+def _check_cifar(dataset, split):
+    assert len(dataset) == (20 if split == "train" else 4) and dataset.num_classes == 10
+    image, label, skipped = dataset[0]
+    assert image.shape == (3, 32, 32) and skipped == 0
+    assert torch.equal(image[0], torch.from_numpy((np.arange(1024) % 256).reshape(32, 32).astype(np.uint8)))
+    assert int(image[1, 0, 0]) == (20 if split == "train" else 25) and label == (0 if split == "train" else 5)
+
+
+def test_cifar10_from_archive_and_extracted_folder(tmp_path):
+    archive_path = tmp_path / "dl" / "cifar-10-python.tar.gz"
+    archive_path.parent.mkdir()
+    with tarfile.open(archive_path, "w:gz") as archive:
+        for name, blob in _fake_cifar_batches().items():
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            archive.addfile(info, io.BytesIO(blob))
+    extracted = tmp_path / "ex" / "cifar-10-batches-py"
+    extracted.mkdir(parents=True)
+    for name, blob in _fake_cifar_batches().items():
+        (extracted / name).write_bytes(blob)
+    for location in (archive_path, archive_path.parent, extracted, extracted.parent):
+        for split in ("train", "val"):
+            _check_cifar(data.build_dataset("cifar10", str(location), split, 32, augment=False), split)
+    big = data.build_dataset("cifar10", str(extracted), "train", 48, augment=True)
+    assert big[0][0].shape == (3, 48, 48)
+
+
+def test_cifar10_from_image_folder_and_search_path(tmp_path, monkeypatch):
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            _save(_noise_rgb(len(name), (32, 32)), tmp_path / "data" / "cifar10" / split / name / "x.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    val = data.build_dataset("cifar10", None, "val", 32, augment=False)
+    assert val.classes == ["cat", "dog"] and len(val) == 2
+    monkeypatch.chdir(tmp_path / "data")
+    with pytest.raises(data.DataError, match="CIFAR10_DIR"):
+        data.build_dataset("cifar10", None, "train", 32, augment=False)
+
+
+# ---- imagenet100 ----
+
+def test_imagenet100_reports_missing_classes(tmp_path, monkeypatch):
+    assert len(set(data.IMAGENET100_WNIDS)) == 100
+    for wnid in data.IMAGENET100_WNIDS[:3] + ("n01440764",):
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+    with pytest.raises(data.DataError, match="found 3 of 100") as error:
+        data.build_dataset("imagenet100", str(tmp_path), "train", 32, augment=False)
+    assert "IMAGENET_DIR" in str(error.value) and "--data-dir" in str(error.value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IMAGENET_DIR", raising=False)
+    with pytest.raises(data.DataError, match="found 0 of 100"):
+        data.build_dataset("imagenet100", None, "val", 32, augment=False)
+
+
+def test_imagenet100_selects_the_100_classes(tmp_path):
+    tiny = Image.new("RGB", (5, 3), (9, 9, 9))
+    for wnid in data.IMAGENET100_WNIDS + ("n01440764",):  # plus one ImageNet-1k class to leave out
+        _save(tiny, tmp_path / "val" / wnid / "x.JPEG")
+    dataset = data.build_dataset("imagenet100", str(tmp_path), "val", 8, augment=False)
+    assert dataset.classes == sorted(data.IMAGENET100_WNIDS) and len(dataset) == 100
+    assert dataset[99][0].shape == (3, 8, 8)
+
+
+# ---- device-side helpers and cache ----
+
+def test_normalize_matches_manual_computation():
+    images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
+    mean, std = torch.tensor(data.MEAN).view(1, 3, 1, 1), torch.tensor(data.STD).view(1, 3, 1, 1)
+    manual = (images.float() / 255 - mean) / std
+    out = data.normalize(images)
+    assert out.dtype == torch.float32 and torch.allclose(out, manual, atol=1e-5)
+
+
+def test_random_resized_crop_flip():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    out = data.random_resized_crop_flip(images, 12)
+    assert out.shape == (64, 3, 12, 12) and out.dtype == torch.float32
+    assert 0 <= out.min() and out.max() <= 255
+    whole = data.random_resized_crop_flip(images, 16, scale=(1, 1), ratio=(1, 1))
+    flipped = [torch.allclose(w, i.flip(-1), atol=1e-3) for i, w in zip(images.float(), whole)]
+    kept = [torch.allclose(w, i, atol=1e-3) for i, w in zip(images.float(), whole)]
+    assert all(f or k for f, k in zip(flipped, kept))  # the full box reproduces the input, maybe mirrored
+    assert 0 < sum(flipped) < 64
+
+
+def test_cache_round_trip(tmp_path):
+    good, bad = _messy_folder(tmp_path / "images")
+    path = str(tmp_path / "cache.npy")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = data.build_dataset(str(tmp_path / "images"), None, "train", 16, augment=False)
+        cache = data.build_cache(dataset, path, 12)
+    assert cache.shape == (len(dataset), 12, 12, 3)
+    assert sorted(os.listdir(tmp_path)) == ["cache.npy", "cache.npy.labels.npy", "images"]
+    cached = data.CachedDataset(path, dataset.classes)
+    for index, (file, label) in enumerate(dataset.samples):
+        image, cached_label, skipped = cached[index]
+        assert image.shape == (3, 12, 12) and skipped == 0
+        if file in good:
+            direct = np.array(data.center_crop(data.decode_image(file, 12), 12, 12))
+            assert np.array_equal(image.permute(1, 2, 0).numpy(), direct) and cached_label == label
+    modified = os.path.getmtime(path)
+    assert data.build_cache(dataset, path, 12).shape == cache.shape and os.path.getmtime(path) == modified
+
+
+# ============================================================================= eval_probe.py
+
+def test_topk_accuracy_counts_label_among_k_best():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])
+    labels = torch.tensor([2, 0])
+    assert eval_probe.topk_accuracy(scores, labels, 1) == 0.5   # row 0 predicts 1, row 1 predicts 0
+    assert eval_probe.topk_accuracy(scores, labels, 2) == 1.0
+
+
+def test_linear_probe_separates_linearly_separable_classes():
+    generator = torch.Generator().manual_seed(0)
+    num_classes, dim = 4, 16
+    directions = torch.eye(dim)[:num_classes] * 3
+    train_y = torch.arange(400) % num_classes
+    val_y = torch.arange(200) % num_classes
+    train_x = directions[train_y] + 0.3 * torch.randn(400, dim, generator=generator)
+    val_x = directions[val_y] + 0.3 * torch.randn(200, dim, generator=generator)
+    result = eval_probe.linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=50)
+    assert result["top1"] == 1.0
+    assert result["best_weight_decay"] in result["heldout_top1"]
+    assert "top5" not in result  # only reported for more than 10 classes
+
+
+def test_linear_probe_stays_at_chance_on_random_labels():
+    generator = torch.Generator().manual_seed(0)
+    num_classes = 20
+    train_x, val_x = torch.randn(1000, 32, generator=generator), torch.randn(1000, 32, generator=generator)
+    train_y = torch.randint(0, num_classes, (1000,), generator=generator)
+    val_y = torch.randint(0, num_classes, (1000,), generator=generator)
+    result = eval_probe.linear_probe(train_x, train_y, val_x, val_y, num_classes, epochs=50)
+    assert result["top1"] < 1 / num_classes + 0.1
+    assert result["top5"] < 5 / num_classes + 0.1
+
+
+def test_knn_weighted_vote_matches_hand_computation():
+    # Cosine similarities to the query (1, 0): 1 (class 0), 0.6 and 0.6 (class 1), -1 (class 0).
+    train_x = torch.tensor([[2.0, 0.0], [0.6, 0.8], [0.6, -0.8], [-1.0, 0.0]])
+    train_y = torch.tensor([0, 1, 1, 0])
+    query = torch.tensor([[5.0, 0.0]])  # unnormalised on purpose
+    scores = eval_probe.knn_classify(train_x, train_y, query, num_classes=3, k=3, temperature=0.5)
+    expected = torch.tensor([[math.exp(1 / 0.5), 2 * math.exp(0.6 / 0.5), 0.0]])
+    torch.testing.assert_close(scores, expected)
+    # A plain majority of the 3 neighbours says class 1; the weighted vote, sharper, says 0.
+    scores = eval_probe.knn_classify(train_x, train_y, query, num_classes=3, k=3, temperature=0.07)
+    assert scores.argmax().item() == 0
+    # k larger than the train set uses all of it, including the far point of class 0.
+    scores = eval_probe.knn_classify(train_x, train_y, query, num_classes=3, k=10, temperature=1.0)
+    torch.testing.assert_close(scores[0, 0], torch.tensor(math.exp(1) + math.exp(-1)))
+
+
+def test_knn_chunks_give_the_same_scores():
+    generator = torch.Generator().manual_seed(0)
+    train_x, query = torch.randn(50, 8, generator=generator), torch.randn(30, 8, generator=generator)
+    train_y = torch.randint(0, 5, (50,), generator=generator)
+    whole = eval_probe.knn_classify(train_x, train_y, query, 5, k=7)
+    chunked = eval_probe.knn_classify(train_x, train_y, query, 5, k=7, chunk_size=4)
+    torch.testing.assert_close(whole, chunked)
+
+
+class RecordingEncoder(nn.Module):
+    """Stand-in encoder: records its mode and grad state; dropout would make train mode random."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 8)
+        self.dropout = nn.Dropout(0.5)
+        self.calls = []
+
+    def forward(self, images):
+        self.calls.append((self.training, torch.is_grad_enabled()))
+        patches = images.flatten(2).transpose(1, 2)                 # (B, N, 3)
+        return self.dropout(self.proj(patches))                     # (B, N, 8)
+
+
+def test_extract_features_is_frozen_eval_mode_and_mean_pooled():
+    encoder = RecordingEncoder().train()
+    images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(10)
+    loader = [(images[:6], labels[:6], torch.zeros(6)), (images[6:], labels[6:], torch.zeros(4))]
+    features, got_labels = eval_probe.extract_features(encoder, loader, torch.device("cpu"))
+    assert encoder.calls == [(False, False), (False, False)]
+    assert features.shape == (10, 8) and features.dtype == torch.float32 and not features.requires_grad
+    assert torch.equal(got_labels, labels) and got_labels.dtype == torch.long
+    again, _ = eval_probe.extract_features(encoder, loader, torch.device("cpu"))
+    assert torch.equal(features, again)  # dropout is off
+    expected = encoder.proj(eval_probe.normalize(images.float()).flatten(2).transpose(1, 2)).mean(1)
+    torch.testing.assert_close(features, expected)
+
+
+def test_missing_checkpoint_exits_2_with_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_probe.main(["--ckpt", str(tmp_path / "nope.pt")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def fake_checkpoint(path, **overrides):
+    config = {"data": "synthetic", "data_dir": None, "model": "nano", "img_size": 32, "patch_size": 4,
+              "embed_dim": None, "depth": None, "num_heads": None, "seed": 0}
+    torch.manual_seed(1)
+    context, target = model.build_encoder("nano", 32, 4), model.build_encoder("nano", 32, 4)
+    checkpoint = {"config": config, "git_commit": "test", "step": 7,
+                  "context_encoder": context.state_dict(), "target_encoder": target.state_dict()}
+    checkpoint.update(overrides)
+    torch.save(checkpoint, path)
+    return checkpoint
+
+
+def test_checkpoint_that_does_not_fit_its_config_exits_2(tmp_path, capsys):
+    wide = model.build_encoder("nano", 32, 4, embed_dim=64, num_heads=4).state_dict()
+    fake_checkpoint(tmp_path / "ckpt.pt", target_encoder=wide)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_probe.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--device", "cpu", "--workers", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "target_encoder" in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_main_on_a_nano_checkpoint_reports_and_caches(tmp_path, monkeypatch):
+    fake_checkpoint(tmp_path / "ckpt.pt")
+    argv = ["--ckpt", str(tmp_path / "ckpt.pt"), "--limit", "200", "--batch-size", "64",
+            "--device", "cpu", "--workers", "0", "--k", "5", "--json", str(tmp_path / "result.json")]
+    result = eval_probe.main(argv)
+    assert result["num_train"] == 200 and result["num_val"] == 200 and result["feature_dim"] == 96
+    assert result["step"] == 7 and result["encoder"] == "target" and not result["random_init"]
+    for key in ("linear_top1", "knn_top1"):
+        assert 0.0 <= result[key] <= 1.0
+    assert "linear_top5" not in result  # 10 synthetic classes
+    assert json.loads((tmp_path / "result.json").read_text())["knn_top1"] == result["knn_top1"]
+    assert (tmp_path / "features_target_train.pt").exists()
+
+    # A second run reads the cache instead of running the encoder again...
+    monkeypatch.setattr(eval_probe, "extract_features", lambda *args: pytest.fail("cache not used"))
+    assert eval_probe.main(argv)["knn_top1"] == result["knn_top1"]
+    # ...but not a cache saved under another key: a different subset is different features.
+    monkeypatch.undo()
+    assert eval_probe.main(argv + ["--limit", "100"])["num_train"] == 100
+    random = eval_probe.main(argv + ["--limit", "100", "--random-init"])
+    assert random["random_init"] and random["step"] == 0
+    trained_val = torch.load(tmp_path / "features_target_val.pt")["features"]
+    random_val = torch.load(tmp_path / "features_random_val.pt")["features"]
+    assert trained_val.shape == random_val.shape and not torch.allclose(trained_val, random_val)
+
+
 # ============================================================================= train.py
 
 # A model small enough that a training step takes a few milliseconds.
@@ -346,7 +794,11 @@ def test_every_trainable_parameter_gets_a_gradient_and_is_optimized():
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     images = torch.randn(8, 3, 32, 32)
     step_masks = train.sample_step_masks(cfg, 0, (8, 8), 0, 1, torch.device("cpu"))
-    loss = train.forward_loss(cfg, nets, images, step_masks, 0, (8, 8))[0]
+    loss, l2, regularizer, _ = train.forward_loss(cfg, nets, images, step_masks, 0, (8, 8))
+    regularizer.backward(retain_graph=True)   # SIGReg alone must reach every encoder weight (no cut by a cast)
+    for name, p in nets[0].named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"SIGReg does not reach {name}"
+    optimizer.zero_grad()
     loss.backward()
     for module in nets[:2]:
         for name, p in module.named_parameters():
@@ -416,7 +868,7 @@ BAD_ARGUMENTS = [
     ["--sigreg-on", "everything"], ["--device", "tpu"], ["--workers", "-1"], ["--no-such-flag"],
     ["--data", "no_such_dataset"], ["--data", "imagenet100", "--data-dir", "/nonexistent"],
     ["--data", "cifar10", "--data-dir", "/nonexistent"], ["--batch-size", "100000"], ["--ema", "1.5"],
-    ["--embed-dim", "30", "--num-heads", "4"],
+    ["--embed-dim", "30", "--num-heads", "4"], ["--img-size", "32", "--patch-size", "16"],
 ]
 
 
@@ -569,3 +1021,15 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     state, used = train.load_checkpoint(path)
     assert state["step"] == 1 and used.endswith("ckpt_prev.pt")
     assert "damaged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_training_on_a_folder_with_bad_files_runs_to_the_end(tmp_path, cache, capsys):
+    good, bad = _messy_folder(tmp_path / "images")
+    args = ["--data", str(tmp_path / "images"), "--img-size", "32", "--patch-size", "4", "--steps", "6",
+            "--batch-size", "4"]
+    ckpt = run_train(tmp_path / "runs" / "run", *args, *(["--cache"] if cache else []))
+    assert ckpt["step"] == 6
+    assert ckpt["counters"]["skipped_images"] >= (0 if cache else 1)   # the cache decodes each file once
+    assert f"{ckpt['counters']['skipped_images']} unreadable images skipped" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "runs" / "cache" / "images_train_37.npy") == cache

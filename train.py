@@ -63,6 +63,7 @@ class Config:
     img_size: int = None            # None = the dataset's default (DATASET_DEFAULTS)
     patch_size: int = None
     workers: int = None             # DataLoader processes; None = min(8, CPU cores) on a GPU, 0 on CPU
+    cache: bool = False             # decode the training images once into a uint8 memmap; crop + flip on device
     # model (None = the preset's value, model.PRESETS)
     model: str = None
     embed_dim: int = None
@@ -160,6 +161,15 @@ def resolve(cfg):
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in ARCHITECTURE[3:]})
+    for width, heads in (("embed_dim", "num_heads"), ("pred_dim", "pred_heads")):
+        if sizes[width] % sizes[heads] or sizes[width] % 4:
+            raise UsageError(f"--{width.replace('_', '-')} {sizes[width]} must be divisible by 4 and by "
+                             f"--{heads.replace('_', '-')} {sizes[heads]}")
+    try:
+        masks.check_config((cfg.img_size // cfg.patch_size,) * 2, masks.MaskConfig())
+    except ValueError as error:
+        raise UsageError(f"--img-size {cfg.img_size} / --patch-size {cfg.patch_size}: {error}") from None
     return cfg
 
 
@@ -251,6 +261,23 @@ class GlobalBatches(torch.utils.data.Sampler):
         for i in range(self.start, self.size // self.global_batch):
             rows = order[i * self.global_batch + self.rank * local: i * self.global_batch + (self.rank + 1) * local]
             yield [(int(index), (self.seed * 100_003 + self.epoch) * 10_000_019 + int(index)) for index in rows]
+
+
+def training_set(cfg, rank, world):
+    """The augmented training images; with --cache, decoded squares of side img_size / 0.875 read
+    from a memmap in OUT/../cache (built once, by rank 0), to be cropped and flipped on the device."""
+    if not cfg.cache:
+        return data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=True, seed=cfg.seed)
+    source = data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=False, seed=cfg.seed)
+    size = round(cfg.img_size / 0.875)
+    name = os.path.basename(os.path.normpath(cfg.data))
+    path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "cache", f"{name}_train_{size}.npy")
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data.build_cache(source, path, size)
+    if world > 1:
+        dist.barrier()
+    return data.CachedDataset(path, source.classes)
 
 
 def epoch_loader(cfg, dataset, rank, world, epoch, start):
@@ -509,13 +536,12 @@ def train(cfg):
         torch.set_float32_matmul_precision("high")
     ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
     checkpoint = open_run(cfg)
-    dataset = data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=True, seed=cfg.seed)
+    dataset = training_set(cfg, rank, world)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training images")
     total = cfg.steps or cfg.epochs * steps_per_epoch
     grid = (cfg.img_size // cfg.patch_size,) * 2
-    masks.check_config(grid, masks.MaskConfig())
 
     context_encoder, predictor, target_encoder = (m.to(device) for m in build_models(cfg))
     optimizer = build_optimizer(cfg, context_encoder, predictor)
@@ -562,7 +588,11 @@ def train(cfg):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.param_groups[0]["weight_decay"] = weight_decay
-                images = data.normalize(images.to(device, non_blocking=True))               # (B, 3, H, W)
+                images = images.to(device, non_blocking=True)                               # uint8 travels
+                if cfg.cache:
+                    crops = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+                    images = data.random_resized_crop_flip(images, cfg.img_size, generator=crops)
+                images = data.normalize(images)                                             # (B, 3, H, W)
                 step_masks = sample_step_masks(cfg, step, grid, rank, world, device)
                 shapes_seen.add((step_masks[0].shape[1], step_masks[2].shape[1]))
                 out = train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, momentum)

@@ -1,0 +1,399 @@
+"""Benchmark the JEPA training step: GEMM peak, step throughput and MFU, mask sampler, data loading.
+
+    python bench.py                                # tiny ViT, 64 px, patch 8: a few minutes on a 2-core CPU
+    python bench.py --presets --batch-size 128     # also ViT-Ti/S/B-16 at 224 px (meant for a GPU)
+
+What is measured, all in one run, so that every ratio compares numbers taken side by side:
+ 1. peak   a square GEMM per precision -> FLOP/s, the denominator of every MFU below.
+ 2. step   train.train_step (forward, backward, AdamW, EMA) exactly as train.py calls it, on fixed random
+           images with the real masks of each step, per precision x {eager, torch.compile}. Step time is
+           the median over the measured steps (robust to a recompile or a busy neighbour); compile time is
+           the excess of all steps (warmup included) over that median. FLOPs are counted analytically
+           from the architecture and each step's masks (analytic_step_flops): "useful" on the real token
+           counts, "padded" on the padded lengths the kernels compute. MFU = useful FLOP/s / peak. The
+           loss, optimizer and EMA are not counted, as usual for MFU (PaLM, Chowdhery et al. 2022).
+ 3. masks  masks.sample_masks (vectorised) against a per-sample Python loop of the same sampler.
+ 4. data   JPEG decode + augmentation per DataLoader worker, and the decoded-cache path (uint8 memmap,
+           augmentation on the device), each against the step's img/s: which one limits training?
+
+How to read it: absolute times on a shared machine mean little, ratios from one run do. On CPU keep
+torch's threads <= free cores (OMP_NUM_THREADS): oversubscribed cores stall PyTorch ops several-fold.
+On CPU, memory is the process's peak RSS (torch's allocator is invisible to tracemalloc); it includes
+Python and torch themselves. torch.compile times are smaller when inductor's on-disk cache is warm.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import masks
+import model
+import train
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRESET_SETTINGS = [("tiny", 224, 16), ("small", 224, 16), ("base", 224, 16)]
+
+
+# ----------------------------------------------------------------------------- timing and memory
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    """(wall time of one call, with the device's queued work included; the call's result)."""
+    sync(device)
+    start = time.perf_counter()
+    value = fn()
+    sync(device)
+    return time.perf_counter() - start, value
+
+
+def median_time(fn, device, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn, device)[0] for _ in range(reps))
+
+
+def reset_peak_memory(device):
+    """CUDA: the allocator's peak. CPU (Linux): writing 5 to clear_refs resets the peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    if not os.path.exists("/proc/self/status"):
+        return None
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+
+
+# ----------------------------------------------------------------------------- 1. peak
+
+def peak_flops(device, precision):
+    """FLOP/s of a square matmul: 4096 on a GPU, 1024 on a CPU (a few seconds even on one busy core)."""
+    size = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision]) for _ in range(2))
+    return 2 * size ** 3 / median_time(lambda: a @ b, device, reps=10, warmup=2)
+
+
+# ----------------------------------------------------------------------------- 2. training step
+
+def analytic_step_flops(encoder, predictor, step_masks, num_patches):
+    """Model FLOPs per image of one training step, from the architecture and that step's masks.
+
+    Target encoder: forward on all N patches. Context encoder and predictor: forward + backward =
+    3x forward (backward computes input and weight gradients), on the real visible tokens and, per
+    target block, real context + target tokens. Patch embedding: forward on all N patches in both
+    encoders, as computed, plus its weight gradient (no input gradient) in the context encoder.
+    `padded` is the same count on the padded lengths K and T: what the kernels really compute.
+
+    Args: step_masks = (context_idx, context_valid, target_idx, target_valid) of train.sample_step_masks.
+    Returns floats per image: useful, padded, padding_share (of the Transformer FLOPs, patch embedding
+    excluded), and useful split into target, context, predictor.
+    """
+    _, context_valid, _, target_valid = (t.cpu() for t in step_masks)
+    batch, padded_k = context_valid.shape
+    num_blocks, padded_t, dim = target_valid.shape[0] // batch, target_valid.shape[1], encoder.embed_dim
+    k = context_valid.sum(1).long()                                               # (B,) real visible tokens
+    t = target_valid.sum(1).long().view(batch, num_blocks)                        # (B, M) real target tokens
+    # Predictor.flops assumes one T for all M rows: embed the context once, add each row on its own T.
+    embed = predictor.flops(k, 0, dim, 0)                                         # (B,)
+    rows = predictor.flops(k[:, None], t, dim, 1) - embed[:, None]                # (B, M)
+    patch_embed = encoder.patch_embed_flops(num_patches)
+    split = {"target": encoder.flops(num_patches) + patch_embed,
+             "context": 3 * float(encoder.flops(k).double().mean()) + 2 * patch_embed,
+             "predictor": 3 * float((embed + rows.sum(1)).double().mean())}
+    padded = (encoder.flops(num_patches) + 3 * encoder.flops(padded_k)
+              + 3 * predictor.flops(padded_k, padded_t, dim, num_blocks) + 3 * patch_embed)
+    useful = sum(split.values())
+    return {"useful": useful, "padded": float(padded),
+            "padding_share": 1 - (useful - 3 * patch_embed) / (padded - 3 * patch_embed), **split}
+
+
+def step_config(args, name, img_size, patch_size, precision, compiled, device):
+    """train.py's Config for this setting (lr, EMA etc. from its synthetic-data defaults)."""
+    return train.resolve(train.Config(model=name, img_size=img_size, patch_size=patch_size, batch_size=args.batch_size,
+                                      precision=precision, compile=compiled, device=device.type))
+
+
+def bench_step(cfg, steps, peak):
+    """Time `steps` calls of train.train_step after warmup; FLOPs come from the masks of those steps."""
+    device = torch.device(cfg.device)
+    grid = (cfg.img_size // cfg.patch_size,) * 2
+    torch._dynamo.reset()  # every compiled setting starts cold, as a fresh train.py run would
+    context_encoder, predictor, target_encoder = (m.to(device) for m in train.build_models(cfg))
+    optimizer = train.build_optimizer(cfg, context_encoder, predictor)
+    nets = [context_encoder, predictor, target_encoder]
+    nets = [torch.compile(m) for m in nets] if cfg.compile else nets                  # as train.py does
+    params = [p for m in (context_encoder, predictor) for p in m.parameters()]
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size,
+                         generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+    # A compiled step meets its first (K, T) shapes in the warmup; later new shapes may still recompile.
+    warmup = 2 if cfg.compile else 1
+    all_masks = [train.sample_step_masks(cfg, step, grid, 0, 1, device) for step in range(warmup + steps)]
+    skipped, times = 0, []
+    for step, step_masks in enumerate(all_masks):
+        if step == warmup:
+            reset_peak_memory(device)
+        # The schedules only change lr, wd and momentum values, not the work: keep them constant.
+        seconds, out = timed(lambda: train.train_step(cfg, nets, optimizer, params, images, step_masks, step, grid,
+                                                      cfg.ema), device)
+        times.append(seconds)
+        skipped += out is None
+    step_s = statistics.median(times[warmup:])
+    flops = [analytic_step_flops(context_encoder, predictor, m, grid[0] * grid[1]) for m in all_masks[warmup:]]
+    mean = {key: statistics.mean(f[key] for f in flops) for key in flops[0]}
+    img_s = cfg.batch_size / step_s
+    return {"model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch_size": cfg.batch_size,
+            "precision": cfg.precision, "compile": cfg.compile, "step_s": step_s, "img_s": img_s,
+            "compile_s": sum(times) - len(times) * step_s if cfg.compile else None,
+            "useful_flop_per_img": mean["useful"], "padded_flop_per_img": mean["padded"],
+            "padding_share": mean["padding_share"], "achieved_flop_s": mean["useful"] * img_s,
+            "mfu": mean["useful"] * img_s / peak, "peak_mem_mb": peak_memory_mb(device),
+            "flop_split": {key: mean[key] / mean["useful"] for key in ("target", "context", "predictor")},
+            "padded_shapes": len({(m[0].shape[1], m[2].shape[1]) for m in all_masks}), "skipped_steps": skipped}
+
+
+# ----------------------------------------------------------------------------- 3. mask sampling
+
+def loop_sample_masks(batch_size, grid, rng, cfg=masks.MaskConfig()):
+    """Reference: the sampler of masks.py as a plain loop over samples and blocks (I-JEPA's collator
+    style): same admissible shapes, nearest shape in log space, uniform placement, and a sample whose
+    context has fewer than min_keep patches is redrawn whole, at most max_tries times."""
+    h, w = grid
+    shapes = {name: [tuple(s) for s in masks.admissible_shapes(grid, getattr(cfg, f"{name}_scale"),
+                                                                getattr(cfg, f"{name}_aspect")).tolist()]
+              for name in ("context", "target")}
+
+    def draw(name):
+        scale, aspect = getattr(cfg, f"{name}_scale"), getattr(cfg, f"{name}_aspect")
+        area, log_aspect = rng.uniform(*scale) * h * w, rng.uniform(math.log(aspect[0]), math.log(aspect[1]))
+        ideal = (0.5 * (math.log(area) + log_aspect), 0.5 * (math.log(area) - log_aspect))
+        bh, bw = min(shapes[name], key=lambda s: (math.log(s[0]) - ideal[0]) ** 2 + (math.log(s[1]) - ideal[1]) ** 2)
+        mask = torch.zeros(h, w, dtype=torch.bool)
+        top, left = int(rng.random() * (h - bh + 1)), int(rng.random() * (w - bw + 1))
+        mask[top:top + bh, left:left + bw] = True
+        return mask.flatten()
+
+    blocks, targets = [], []
+    for _ in range(batch_size):
+        for _ in range(cfg.max_tries + 1):
+            block, sample_targets = draw("context"), torch.stack([draw("target") for _ in range(cfg.num_targets)])
+            if (block & ~sample_targets.any(0)).sum() >= cfg.min_keep:
+                break
+        else:
+            raise ValueError(f"no sample with min_keep={cfg.min_keep} context patches in {cfg.max_tries} tries")
+        blocks.append(block)
+        targets.append(sample_targets)
+    block, targets = torch.stack(blocks), torch.stack(targets)
+    return masks.Masks(block, targets, block & ~targets.any(1))
+
+
+def check_masks(drawn, grid, cfg=masks.MaskConfig()):
+    """Invariants both samplers must keep: the context is the block minus the targets, has >= min_keep
+    patches, and every block's area lies within its scale bounds."""
+    n, eps = grid[0] * grid[1], 1e-9
+    assert torch.equal(drawn.context, drawn.block & ~drawn.targets.any(1))
+    assert (drawn.context.sum(1) >= cfg.min_keep).all()
+    for area, scale in ((drawn.block.sum(1), cfg.context_scale), (drawn.targets.sum(2), cfg.target_scale)):
+        assert ((area >= scale[0] * n - eps) & (area <= scale[1] * n + eps)).all()
+
+
+def bench_masks(cfg, step_s, batch_size=256, grid=(14, 14)):
+    """The vectorised sampler against the loop at I-JEPA's setting (batch 256, 14 x 14), and what
+    train.py's per-step sampling (masks + index lists) costs at the benchmarked step setting."""
+    cpu = torch.device("cpu")
+    fast = masks.sample_masks(batch_size, grid, torch.Generator().manual_seed(0))
+    slow = loop_sample_masks(batch_size, grid, random.Random(0))
+    for drawn in (fast, slow):
+        check_masks(drawn, grid)
+    visible = [float(d.context.float().mean()) for d in (fast, slow)]
+    assert abs(visible[0] - visible[1]) < 0.03, f"the samplers disagree: visible fractions {visible}"
+    generator, rng = torch.Generator().manual_seed(1), random.Random(1)
+    fast_s = median_time(lambda: masks.sample_masks(batch_size, grid, generator), cpu, reps=20)
+    slow_s = median_time(lambda: loop_sample_masks(batch_size, grid, rng), cpu, reps=3)
+    step_grid = (cfg.img_size // cfg.patch_size,) * 2
+    per_step_s = median_time(lambda: train.sample_step_masks(cfg, 0, step_grid, 0, 1, torch.device(cfg.device)),
+                             cpu, reps=20)
+    return {"batch_size": batch_size, "grid": f"{grid[0]}x{grid[1]}", "vectorised_s": fast_s, "loop_s": slow_s,
+            "speedup": slow_s / fast_s, "visible_fraction": visible,
+            "per_step_s": per_step_s, "share_of_step": per_step_s / step_s}
+
+
+# ----------------------------------------------------------------------------- 4. data pipeline
+
+def make_jpeg_folder(root, classes=2, per_class=32, size=(500, 375)):
+    """ImageNet-sized JPEGs at quality 90: smooth random colour fields plus grain, so that they
+    compress (and decode) like photos; pure noise would make files several times larger."""
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        os.makedirs(os.path.join(root, f"class{label}"))
+        for i in range(per_class):
+            coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(size, Image.BICUBIC)
+            pixels = np.asarray(coarse, dtype=np.float32) + rng.normal(0, 8, (size[1], size[0], 3))
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                os.path.join(root, f"class{label}", f"{i:03d}.jpg"), quality=90)
+
+
+def bench_data(device, batch_size, img_size=224, cache_size=256):
+    """img/s of decode + augment in one process (= per DataLoader worker), and of the decoded cache:
+    read uint8 squares, then crop, flip and normalise a whole batch on the device."""
+    with tempfile.TemporaryDirectory() as root:
+        folder = os.path.join(root, "images")
+        make_jpeg_folder(folder)
+        file_kb = statistics.mean(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs) / 1024
+        dataset = data.build_dataset(folder, None, "train", img_size, augment=True)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0)
+        torch.manual_seed(0)
+        decode_s = median_time(lambda: [batch for batch in loader], torch.device("cpu"), reps=3)
+        path = os.path.join(root, "cache.npy")
+        build_s = timed(lambda: data.build_cache(dataset, path, cache_size), torch.device("cpu"))[0]
+        cached = torch.utils.data.DataLoader(data.CachedDataset(path, dataset.classes), batch_size=batch_size)
+
+        def cached_epoch():
+            for images, _, _ in cached:
+                data.normalize(data.random_resized_crop_flip(images.to(device), img_size))
+
+        cached_s = median_time(cached_epoch, device, reps=3)
+    return {"images": len(dataset), "jpeg_kb": file_kb, "img_size": img_size, "cache_size": cache_size,
+            "decode_img_s_per_worker": len(dataset) / decode_s, "cache_build_img_s": len(dataset) / build_s,
+            "cached_img_s": len(dataset) / cached_s}
+
+
+# ----------------------------------------------------------------------------- output
+
+def si(value, unit=""):
+    """1.23e12 -> '1.23 T' + unit."""
+    prefixes = ["", "k", "M", "G", "T", "P"]
+    power = min(max(int(math.log10(abs(value)) // 3), 0), len(prefixes) - 1) if value else 0
+    return f"{value / 1000 ** power:.3g} {prefixes[power]}{unit}"
+
+
+def print_table(title, header, rows):
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    print(f"\n{title}")
+    for row in (header, *rows):
+        print("  ".join(str(cell).rjust(width) for cell, width in zip(row, widths)))
+
+
+def print_steps(rows):
+    print_table("2. training step (train.train_step; FLOPs per image analytic, from each step's masks)",
+                ["model", "img/patch", "prec", "mode", "step", "img/s", "useful/img", "padded/img", "pad share",
+                 "tgt/ctx/pred", "achieved", "MFU", "compile", "peak mem"],
+                [[r["model"], f"{r['img_size']}/{r['patch_size']}", r["precision"],
+                  "compile" if r["compile"] else "eager", f"{r['step_s'] * 1e3:.0f} ms", f"{r['img_s']:.1f}",
+                  si(r["useful_flop_per_img"], "FLOP"), si(r["padded_flop_per_img"], "FLOP"),
+                  f"{r['padding_share']:.1%}", "/".join(f"{v:.0%}" for v in r["flop_split"].values()),
+                  si(r["achieved_flop_s"], "FLOP/s"), f"{r['mfu']:.1%}",
+                  "-" if r["compile_s"] is None else f"{r['compile_s']:.0f} s",
+                  "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f} MiB"] for r in rows])
+    if any(r["skipped_steps"] for r in rows):
+        print("  warning: some steps were non-finite and skipped (no optimizer step): those times are low")
+
+
+def print_data(result, step):
+    workers = step["img_s"] / result["decode_img_s_per_worker"]
+    share = step["img_s"] / result["cached_img_s"]
+    print_table(f"4. data ({result['images']} JPEGs of 500x375, {result['jpeg_kb']:.0f} KB, -> {result['img_size']} px)"
+                f" against the step: {step['model']} {step['img_size']}/{step['patch_size']} {step['precision']} "
+                f"{'compile' if step['compile'] else 'eager'}, {step['img_s']:.1f} img/s",
+                ["path", "img/s", "to feed the step"],
+                [["decode + augment, per worker", f"{result['decode_img_s_per_worker']:.1f}",
+                  f"{workers:.2f} workers"],
+                 ["decoded cache + device augment", f"{result['cached_img_s']:.1f}", f"{share:.1%} of step time"],
+                 ["cache build (one-off, all cores)", f"{result['cache_build_img_s']:.1f}", "-"]])
+    print("  loading limits training when more workers are needed than free cores; on a CPU the workers and the "
+          "device augmentation take cores from the step itself")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description="Benchmark the JEPA training step (see the docstring of bench.py).")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--model", default="tiny", choices=list(model.PRESETS))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--img-size", type=int, default=64)
+    parser.add_argument("--patch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps per setting, after warmup")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="only compiled (--compile) or only eager (--no-compile) steps; default: both")
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated, from fp32, bf16")
+    parser.add_argument("--presets", action="store_true", help="also tiny, small, base at 224/16 (meant for a GPU)")
+    parser.add_argument("--json", help="also write the JSON result to this path")
+    parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline (4.)")
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if not set(args.precision.split(",")) <= set(DTYPES):
+        parser.error(f"--precision takes a comma-separated list of {', '.join(DTYPES)}, got '{args.precision}'")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu")
+    return args
+
+
+def main():
+    args = parse_args()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as train.py: "fp32" matmuls run in TF32, peak included
+    precisions = args.precision.split(",")
+    compiles = [False, True] if args.compile is None else [args.compile]
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0], "torch": torch.__version__}
+    print(f"device {result['device']}, {result['threads']} torch threads, load average {result['load_avg_1min']:.2f} "
+          f"on {os.cpu_count()} cores, torch {torch.__version__}")
+
+    result["peak_flop_s"] = {p: peak_flops(device, p) for p in precisions}
+    print_table("1. peak: square GEMM", ["precision", "FLOP/s"],
+                [[p, si(v, "FLOP/s")] for p, v in result["peak_flop_s"].items()])
+
+    settings = [(args.model, args.img_size, args.patch_size)] + (PRESET_SETTINGS if args.presets else [])
+    try:
+        configs = [step_config(args, *setting, p, c, device) for setting in settings for p in precisions for c in compiles]
+    except train.UsageError as error:
+        raise SystemExit(f"bench.py: error: {error}")
+    result["steps"] = [bench_step(cfg, args.steps, result["peak_flop_s"][cfg.precision]) for cfg in configs]
+    print_steps(result["steps"])
+    main_rows = result["steps"][:len(precisions) * len(compiles)]  # the --model/--img-size setting
+
+    fastest = min(main_rows, key=lambda r: r["step_s"])
+    result["masks"] = bench_masks(configs[result["steps"].index(fastest)], fastest["step_s"])
+    m = result["masks"]
+    print_table(f"3. mask sampling, batch {m['batch_size']} on a {m['grid']} grid (invariants checked on both)",
+                ["sampler", "per batch", "speed-up", "visible"],
+                [["masks.sample_masks", f"{m['vectorised_s'] * 1e3:.2f} ms", f"{m['speedup']:.0f}x "
+                  f"({'meets' if m['speedup'] >= 20 else 'misses'} the 20x goal)", f"{m['visible_fraction'][0]:.3f}"],
+                 ["per-sample Python loop", f"{m['loop_s'] * 1e3:.2f} ms", "1x", f"{m['visible_fraction'][1]:.3f}"]])
+    print(f"  train.sample_step_masks at the fastest step's setting: {m['per_step_s'] * 1e3:.2f} ms = "
+          f"{m['share_of_step']:.2%} of its {fastest['step_s'] * 1e3:.0f} ms step")
+
+    if not args.skip_data:
+        result["data"] = bench_data(device, args.batch_size)
+        vit_s = [r for r in result["steps"] if (r["model"], r["img_size"], r["patch_size"]) == ("small", 224, 16)]
+        print_data(result["data"], max(vit_s or main_rows, key=lambda r: r["img_s"]))
+
+    line = json.dumps(result)
+    print(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
