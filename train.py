@@ -25,13 +25,11 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass, asdict
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -104,16 +102,19 @@ class UsageError(ValueError):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Train an image JEPA (see README.md).")
+    parser = argparse.ArgumentParser(description="Train an image JEPA; every flag is a field of Config (README.md "
+                                                 "lists where each default comes from).")
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         kind = field.type
+        shown = "the dataset's or preset's default" if field.default is None else field.default
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         elif field.name == "resume":
-            parser.add_argument(flag, nargs="?", const="", default=None, metavar="PATH")
+            parser.add_argument(flag, nargs="?", const="", default=None, metavar="PATH",
+                                help="continue OUT/ckpt.pt, or the checkpoint PATH")
         else:
-            parser.add_argument(flag, type=kind, default=field.default)
+            parser.add_argument(flag, type=kind, default=field.default, help=f"default: {shown}")
     parser.error = lambda message: exit_usage(message)
     return parser
 
