@@ -266,7 +266,7 @@ def render_synthetic(rng: np.random.Generator, label: int, size: int) -> np.ndar
     cross) filled with one of 2 two-colour textures (stripes, checks); label = 2 * shape + texture.
     Everything else is a nuisance drawn from `rng`: the shape's position, radius (22-34% of the
     image) and rotation; the texture's period, angle, phase and colours (a random colour and
-    roughly its complement, so the fill averages to grey in every class); a smooth random-colour
+    roughly its complement, so the fill averages to grey in every class); a smooth, muted random-colour
     background, half the time with a faint stripe or check pattern of its own; half the time a
     thin line of random colour as a distractor; pixel noise. The class needs the outline and the
     texture inside it, found at an unknown place: neither mean colour nor any single pixel tells
@@ -275,6 +275,8 @@ def render_synthetic(rng: np.random.Generator, label: int, size: int) -> np.ndar
     y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
     coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
     image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float64) / 255
+    # A muted background: loud enough to hide the object's position, quiet enough not to drown it.
+    image = 0.5 + (image - 0.5) * rng.uniform(0.2, 0.5)
     # Texture in the background too, so that "stripes somewhere" does not give the class away.
     if rng.random() < 0.5:
         faint = _pattern(TEXTURES[rng.integers(2)], x, y, rng, size)

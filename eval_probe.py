@@ -188,7 +188,8 @@ def load_checkpoint(path: str) -> dict:
         raise EvalError(f"no checkpoint at {path} (train first, or pass --ckpt RUN/ckpt.pt)")
     try:
         # weights_only: a checkpoint is data, and unpickling arbitrary objects runs code.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: only the tensors this script touches (one encoder) are read from disk.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         reason = brief(str(error).split("WeightsUnpickler error:")[-1])
         raise EvalError(f"cannot load {path} with weights_only=True: {reason}") from None

@@ -130,11 +130,10 @@ def check_config(grid, cfg):
 
 def _sample_once(batch_size, grid, cfg, generator):
     m = cfg.num_targets
-    block = place_blocks(sample_block_shapes(batch_size, grid, cfg.context_scale, cfg.context_aspect, generator),
-                         grid, generator)                                          # (B, N)
-    targets = place_blocks(sample_block_shapes(batch_size * m, grid, cfg.target_scale, cfg.target_aspect, generator),
-                           grid, generator).view(batch_size, m, -1)                # (B, M, N)
-    return block, targets
+    shapes = torch.cat([sample_block_shapes(batch_size, grid, cfg.context_scale, cfg.context_aspect, generator),
+                        sample_block_shapes(batch_size * m, grid, cfg.target_scale, cfg.target_aspect, generator)])
+    blocks = place_blocks(shapes, grid, generator)                                   # (B + B * M, N), one pass
+    return blocks[:batch_size], blocks[batch_size:].view(batch_size, m, -1)          # (B, N), (B, M, N)
 
 
 def sample_masks(batch_size, grid, generator=None, **overrides):

@@ -297,14 +297,15 @@ def step_generator(cfg, step, salt):
 
 def sample_step_masks(cfg, step, grid, rank, world, device):
     """Masks for the global batch, of which this process takes its rows (so N processes see the
-    masks of one), as padded index lists. Lengths are rounded up to a multiple of 8 so that
-    torch.compile meets only a few distinct shapes."""
+    masks of one), as padded index lists. Under --compile, lengths are rounded up to a multiple of
+    8 so that torch.compile meets only a few distinct shapes; eager mode pads to the exact maximum."""
     drawn = masks.sample_masks(cfg.batch_size, grid, step_generator(cfg, step, 0))
     local = cfg.batch_size // world
     context = drawn.context[rank * local:(rank + 1) * local]                           # (B, N)
     targets = drawn.targets[rank * local:(rank + 1) * local].flatten(0, 1)             # (R, N)
-    context_idx, context_valid = masks.mask_to_indices(context, multiple=8)           # (B, K)
-    target_idx, target_valid = masks.mask_to_indices(targets, multiple=8)             # (R, T)
+    multiple = 8 if cfg.compile else 1
+    context_idx, context_valid = masks.mask_to_indices(context, multiple)             # (B, K)
+    target_idx, target_valid = masks.mask_to_indices(targets, multiple)               # (R, T)
     return [t.to(device, non_blocking=True) for t in (context_idx, context_valid, target_idx, target_valid)]
 
 
@@ -447,7 +448,9 @@ def plot_curves(metrics_path, png_path, keys=("loss", "l2", "sigreg", "effective
         draw.text((x0, 10), f"{key}  ({values[-1]:.4g} at step {steps[-1]})", fill="black")
         draw.text((x0 - 35, margin - 6), f"{high:.3g}", fill="black")
         draw.text((x0 - 35, height - margin - 6), f"{low:.3g}", fill="black")
+        draw.text((x0, height - margin + 8), str(steps[0]), fill="black")
         draw.text((x0 + width / 2 - 40, height - margin + 8), "step", fill="black")
+        draw.text((x0 + width - 1.5 * margin - 20, height - margin + 8), str(steps[-1]), fill="black")
     image.save(png_path)
 
 
@@ -635,8 +638,8 @@ def train(cfg):
     if rank == 0:
         plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
         print(f"done: {step} steps, {counters['skipped_steps']} skipped steps, {counters['skipped_images']} "
-              f"unreadable images skipped; {len(shapes_seen)} distinct (K, T) padded shapes "
-              f"(= graphs per compiled module); checkpoint {ckpt_path}")
+              f"unreadable images skipped; {len(shapes_seen)} distinct padded (K, T) shapes "
+              f"(= graphs per module under --compile); checkpoint {ckpt_path}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return cfg.out
