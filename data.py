@@ -266,21 +266,16 @@ def render_synthetic(rng: np.random.Generator, label: int, size: int) -> np.ndar
     cross) filled with one of 2 two-colour textures (stripes, checks); label = 2 * shape + texture.
     Everything else is a nuisance drawn from `rng`: the shape's position, radius (22-34% of the
     image) and rotation; the texture's period, angle, phase and colours (a random colour and
-    roughly its complement, so the fill averages to grey in every class); a smooth, muted random-colour
-    background, half the time with a faint stripe or check pattern of its own; half the time a
-    thin line of random colour as a distractor; pixel noise. The class needs the outline and the
+    roughly its complement, so the fill averages to grey in every class); a muted random background
+    colour under strong pixel noise; half the time a thin line of random colour as a distractor;
+    more pixel noise. The class needs the outline and the
     texture inside it, found at an unknown place: neither mean colour nor any single pixel tells
     it. Geometry is in image units, so every `size` renders the same scene.
     """
     y, x = (np.mgrid[0:size, 0:size] + 0.5) / size
-    coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), np.float64) / 255
-    # A muted background: loud enough to hide the object's position, quiet enough not to drown it.
-    image = 0.5 + (image - 0.5) * rng.uniform(0.2, 0.5)
-    # Texture in the background too, so that "stripes somewhere" does not give the class away.
-    if rng.random() < 0.5:
-        faint = _pattern(TEXTURES[rng.integers(2)], x, y, rng, size)
-        image += (faint[..., None] - 0.5) * rng.uniform(0.1, 0.25)
+    # Background: a random muted colour under strong pixel noise. Noise cannot be predicted from
+    # one part of the image to another, so what a JEPA can learn to predict is the object.
+    image = 0.5 + (rng.uniform(0, 1, 3) - 0.5) * 0.6 + rng.normal(0, 0.15, (size, size, 3))
     if rng.random() < 0.5:
         (x0, y0), (dx, dy) = rng.uniform(0, 1, 2), rng.uniform(-1, 1, 2)
         along = np.clip(((x - x0) * dx + (y - y0) * dy) / (dx * dx + dy * dy + 1e-9), 0, 1)

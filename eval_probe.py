@@ -159,7 +159,7 @@ def extract_features(encoder, loader, device) -> tuple[torch.Tensor, torch.Tenso
     Shape: loader yields uint8 images (B, 3, H, W) and labels (B,) -> features (M, D) float32
            on the CPU, labels (M,) long
     """
-    encoder.eval()  # dropout off, so a feature does not depend on the run
+    encoder.eval()  # our ViT has no dropout or batch norm, but a fork's might: features must be deterministic
     features, labels = [], []
     for images, batch_labels, *_ in tqdm(loader, desc="features", leave=False):
         # The uint8 copy is 4x smaller than a float one; normalise once it is on the device.
@@ -289,7 +289,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="at most this many images per split")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write features")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("k", "batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return args
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -346,7 +351,7 @@ def main(argv=None) -> dict:
     try:
         result = evaluate(args)
     except (EvalError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"eval_probe.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     print_table(result)
     if args.json:

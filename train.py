@@ -18,9 +18,12 @@ R = B * M predictor rows, T tokens per target block (padded), D encoder width.
 import argparse
 import copy
 import dataclasses
+import datetime
+import hashlib
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -49,8 +52,9 @@ DATASET_DEFAULTS = {
     "imagenet100": dict(model="small", img_size=224, patch_size=16, batch_size=256, epochs=100, lr=5e-4, ema=0.996),
     "folder":      dict(model="small", img_size=224, patch_size=16, batch_size=256, epochs=100, lr=5e-4, ema=0.996),
 }
-ARCHITECTURE = ("model", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "pred_dim", "pred_depth",
-                "pred_heads")
+SIZES = ("embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads")
+ARCHITECTURE = ("model", "img_size", "patch_size", *SIZES)
+TRAJECTORY = ("data", "batch_size", "epochs", "steps", "lr", "lam", "seed", "ema", "sigreg_on")
 
 
 @dataclass
@@ -162,7 +166,7 @@ def resolve(cfg):
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in ARCHITECTURE[3:]})
+    sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in SIZES})
     for width, heads in (("embed_dim", "num_heads"), ("pred_dim", "pred_heads")):
         if sizes[width] % sizes[heads] or sizes[width] % 4:
             raise UsageError(f"--{width.replace('_', '-')} {sizes[width]} must be divisible by 4 and by "
@@ -219,7 +223,7 @@ def build_optimizer(cfg, context_encoder, predictor):
 @torch.no_grad()
 def ema_update(target_encoder, context_encoder, momentum):
     """target <- m * target + (1 - m) * context. Called AFTER optimizer.step(), so the target
-    follows the weights the step just produced (one audited codebase did it before the step)."""
+    follows the weights the step just produced."""
     target = list(target_encoder.parameters())
     source = [p.detach() for p in context_encoder.parameters()]
     torch._foreach_lerp_(target, source, 1.0 - momentum)
@@ -272,7 +276,9 @@ def training_set(cfg, rank, world):
     source = data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=False, seed=cfg.seed)
     size = round(cfg.img_size / 0.875)
     name = os.path.basename(os.path.normpath(cfg.data))
-    path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "cache", f"{name}_train_{size}.npy")
+    # The source in the name: two folders called "images", or another seed's synthetic set, never share.
+    source_id = hashlib.sha1(repr((os.path.abspath(cfg.data), cfg.data_dir, cfg.seed)).encode()).hexdigest()[:8]
+    path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "cache", f"{name}_train_{size}_{source_id}.npy")
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         data.build_cache(source, path, size)
@@ -461,9 +467,9 @@ class Stop:
     signal_number = None
 
     @classmethod
-    def requested(cls):
+    def requested(cls, device):
         """Agreed by all processes (torchrun forwards the signal, but not at the same instant)."""
-        flag = torch.tensor(int(cls.signal_number is not None))
+        flag = torch.tensor(int(cls.signal_number is not None), device=device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag)
@@ -484,7 +490,8 @@ def setup_distributed(cfg):
     if world == 1:
         return 0, 1
     rank = int(os.environ["RANK"])
-    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
+    # Long timeout: with --cache, the other ranks wait while rank 0 decodes the dataset once.
+    dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     if cfg.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.batch_size % world:
@@ -492,13 +499,16 @@ def setup_distributed(cfg):
     return rank, world
 
 
-def open_run(cfg):
-    """The checkpoint to resume from (None for a fresh run). Refuses to overwrite a run's checkpoint
-    without --resume, and to resume into a different architecture."""
+def open_run(cfg, rank):
+    """The checkpoint to resume from (None for a fresh run). Refuses to overwrite a run's checkpoints
+    without --resume, and to resume into a different architecture; warns when the resumed run will
+    not follow the stored one exactly."""
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     if cfg.resume is None:
-        if os.path.exists(ckpt_path):
+        if os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path)):
             raise UsageError(f"{cfg.out} already holds a checkpoint: add --resume to continue it, or pick another --out")
+        if rank == 0 and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
+            os.remove(os.path.join(cfg.out, "metrics.jsonl"))  # a run killed before its first checkpoint
         return None
     checkpoint, used = load_checkpoint(cfg.resume or ckpt_path)
     stored = checkpoint["config"]
@@ -506,7 +516,24 @@ def open_run(cfg):
     if changed:
         raise UsageError(f"--resume {used}: the checkpoint has another architecture ("
                          + ", ".join(f"{k}={stored[k]} there, {getattr(cfg, k)} here" for k in changed) + ")")
+    changed = [f"{k}={stored[k]} -> {getattr(cfg, k)}" for k in TRAJECTORY if stored[k] != getattr(cfg, k)]
+    if changed and rank == 0:
+        print(f"warning: resuming with changed settings ({', '.join(changed)}): the run will not continue "
+              f"exactly as it started", file=sys.stderr)
     return checkpoint
+
+
+def without_resume(argv):
+    """The command line minus --resume and its optional PATH, to print how to resume."""
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return kept
 
 
 def train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, momentum):
@@ -516,7 +543,7 @@ def train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, mom
     out = forward_loss(cfg, nets, images, step_masks, step, grid)
     if out is not None:
         out[0].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))  # only measures
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if out is None or not all_ranks_true(torch.isfinite(out[0]) & torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return None
@@ -539,7 +566,7 @@ def train(cfg):
     if cfg.device == "cuda":
         torch.set_float32_matmul_precision("high")
     ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
-    checkpoint = open_run(cfg)
+    checkpoint = open_run(cfg, rank)
     dataset = training_set(cfg, rank, world)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -549,12 +576,12 @@ def train(cfg):
 
     context_encoder, predictor, target_encoder = (m.to(device) for m in build_models(cfg))
     optimizer = build_optimizer(cfg, context_encoder, predictor)
-    step, counters = 0, {"skipped_images": 0, "skipped_steps": 0}
+    step, batches, counters = 0, 0, {"skipped_images": 0, "skipped_steps": 0}
     if checkpoint is not None:
         for name, module in [("context_encoder", context_encoder), ("predictor", predictor),
                              ("target_encoder", target_encoder), ("optimizer", optimizer)]:
             module.load_state_dict(checkpoint[name])
-        step, counters = checkpoint["step"], checkpoint["counters"]
+        step, batches, counters = checkpoint["step"], checkpoint["batches"], checkpoint["counters"]
         torch.set_rng_state(checkpoint["rng"])
         if rank == 0:
             trim_metrics(metrics_path, step)
@@ -573,7 +600,8 @@ def train(cfg):
     def save():
         if rank == 0:
             save_checkpoint(ckpt_path, {
-                "config": asdict(cfg), "git_commit": git_commit(), "step": step, "counters": dict(counters),
+                "config": asdict(cfg), "git_commit": git_commit(), "step": step, "batches": batches,
+                "counters": dict(counters),
                 "context_encoder": context_encoder.state_dict(), "predictor": predictor.state_dict(),
                 "target_encoder": target_encoder.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "torch_version": str(torch.__version__)})
@@ -584,9 +612,11 @@ def train(cfg):
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
     bad_in_row, shapes_seen, clock, images_seen = 0, set(), time.perf_counter(), 0
     try:
-        while step < total and not Stop.requested():
-            epoch, start = divmod(step, steps_per_epoch)
+        while step < total and not Stop.requested(device):
+            # Batches, not steps, place us in the data: a skipped non-finite step still used one.
+            epoch, start = divmod(batches, steps_per_epoch)
             for images, _, skipped in epoch_loader(cfg, dataset, rank, world, epoch, start):
+                batches += 1
                 counters["skipped_images"] += int(skipped.sum())
                 lr, weight_decay, momentum = schedules(cfg, step, total)
                 for group in optimizer.param_groups:
@@ -594,7 +624,7 @@ def train(cfg):
                 optimizer.param_groups[0]["weight_decay"] = weight_decay
                 images = images.to(device, non_blocking=True)                               # uint8 travels
                 if cfg.cache:
-                    crops = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+                    crops = torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
                     images = data.random_resized_crop_flip(images, cfg.img_size, generator=crops)
                 images = data.normalize(images)                                             # (B, 3, H, W)
                 step_masks = sample_step_masks(cfg, step, grid, rank, world, device)
@@ -620,7 +650,11 @@ def train(cfg):
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
                     if rank == 0:
                         write_row(metrics_path, row)
-                stop = Stop.requested()
+                        if row["feature_std"] < 1e-3 or row["effective_rank"] < 2:
+                            tqdm.write(f"warning: target features look collapsed at step {step} (std "
+                                       f"{row['feature_std']:.2e}, effective rank {row['effective_rank']:.2f}); "
+                                       f"raise --lam")
+                stop = Stop.requested(device)
                 if step % cfg.ckpt_every == 0 or step == total or stop:
                     save()
                 if step == total or stop:
@@ -632,7 +666,7 @@ def train(cfg):
     if Stop.signal_number is not None:
         if rank == 0:
             print(f"stopped by signal {Stop.signal_number} at step {step}; checkpoint saved to {ckpt_path}. "
-                  f"Resume with: python train.py {' '.join(a for a in sys.argv[1:] if a != '--resume')} --resume",
+                  f"Resume with: python train.py {shlex.join(without_resume(sys.argv[1:]))} --resume",
                   file=sys.stderr)
         sys.exit(128 + Stop.signal_number)
     if rank == 0:
@@ -650,9 +684,6 @@ def log_row(step, epoch, out, schedule, img_per_s, counters):
     loss, l2, regularizer = mean_over_ranks(torch.stack([t.detach().float() for t in out[:3]])).tolist()
     std, effective_rank = feature_health(out[3])
     lr, weight_decay, momentum = schedule
-    if std < 1e-3 or effective_rank < 2:
-        tqdm.write(f"warning: target features look collapsed at step {step} (std {std:.2e}, effective rank "
-                   f"{effective_rank:.2f}); raise --lam")
     return {"step": step, "epoch": epoch, "loss": loss, "l2": l2, "sigreg": regularizer, "lr": lr,
             "weight_decay": weight_decay, "momentum": momentum, "grad_norm": out[4].item(), "img_per_s": img_per_s,
             "feature_std": std, "effective_rank": effective_rank, **counters}
@@ -669,7 +700,8 @@ def main(argv=None):
         cfg = resolve(Config(**vars(args)))
         train(cfg)
     except (UsageError, data.DataError) as error:
-        exit_usage(str(error).splitlines()[0])
+        # An error raised in a DataLoader worker arrives wrapped: its own message is the last line.
+        exit_usage(str(error).strip().splitlines()[-1].removeprefix("data.DataError: "))
     except FloatingPointError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(1)
