@@ -47,7 +47,7 @@ import model
 # 100 epochs for ImageNet-100 follow LeJEPA's ImageNet-100 runs; the small presets for 32 px
 # images use patch 4 (8 x 8 grid), the usual choice for ViTs on CIFAR.
 DATASET_DEFAULTS = {
-    "synthetic":   dict(model="nano",  img_size=32,  patch_size=4,  batch_size=128, epochs=6,   lr=2e-3, ema=0.99),
+    "synthetic":   dict(model="nano",  img_size=32,  patch_size=4,  batch_size=64,  epochs=2,   lr=2e-3, ema=0.99),
     "cifar10":     dict(model="tiny",  img_size=32,  patch_size=4,  batch_size=256, epochs=100, lr=1e-3, ema=0.996),
     "imagenet100": dict(model="small", img_size=224, patch_size=16, batch_size=256, epochs=100, lr=5e-4, ema=0.996),
     "folder":      dict(model="small", img_size=224, patch_size=16, batch_size=256, epochs=100, lr=5e-4, ema=0.996),
