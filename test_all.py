@@ -1033,3 +1033,13 @@ def test_training_on_a_folder_with_bad_files_runs_to_the_end(tmp_path, cache, ca
     assert ckpt["counters"]["skipped_images"] >= (0 if cache else 1)   # the cache decodes each file once
     assert f"{ckpt['counters']['skipped_images']} unreadable images skipped" in capsys.readouterr().out
     assert len(list((tmp_path / "runs").glob("cache/images_train_37_*[0-9a-f].npy"))) == int(cache)
+
+
+def test_bf16_autocast_trains_on_cpu_and_the_checkpoint_feeds_eval_probe(tmp_path):
+    """The GPU code path (bf16 autocast) runs on this CPU; train -> checkpoint -> eval_probe round trip."""
+    ckpt = run_train(tmp_path / "run", "--steps", "3", "--precision", "bf16")
+    assert ckpt["config"]["precision"] == "bf16"
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt["context_encoder"].values())
+    result = eval_probe.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--limit", "200", "--k", "5"])
+    assert result["step"] == 3 and result["num_train"] == 200 and result["feature_dim"] == 32
+    assert 0 <= result["linear_top1"] <= 1 and 0 <= result["knn_top1"] <= 1
