@@ -115,7 +115,11 @@ def jepa_loss(predictions, targets, target_valid, embeddings, lam=0.05, num_slic
     Which embeddings: train.py passes the context encoder's outputs at the real (unpadded) visible
     tokens, one row per token (`--sigreg-on tokens`, the default: many samples per step, and every
     token is a feature the predictor reads), or one mean-pooled row per image (`--sigreg-on pooled`,
-    the per-image embedding of LeJEPA). The README's ablation compares the two.
+    the per-image embedding of LeJEPA). The README's ablation compares the two. Mind the factor S
+    in SIGReg: on tokens S is about K times the batch, and tokens of one image are correlated, so
+    the statistic never gets near 1 and its gradient outweighs L_pred's by orders of magnitude. With
+    Adam, which divides out the gradient's scale, the runs for lam from 5e-4 to 0.3 were then the
+    same run in the README's ablation.
 
     Shape: predictions, targets (R, T, D); target_valid (R, T); embeddings (S, D).
     Returns: (loss, l2, sigreg) as tensors; only `loss` is meant for backward.
