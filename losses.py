@@ -3,7 +3,8 @@
 Shape legend
     R   rows of predictions (samples x target blocks)     T   target tokens per row, padded
     D   embedding width                                   S   samples SIGReg tests (images or tokens)
-    M   random slicing directions (num_slices)            J   points t_j of the integration grid (17)
+    M   random slicing directions (num_slices; not the   J   points t_j of the integration grid (17)
+        target blocks M of masks.py)
 
 SIGReg in one paragraph. If the embeddings z are isotropic Gaussian, N(0, I), then every 1-D
 projection <a, z> with |a| = 1 is N(0, 1), whose characteristic function is phi(t) = exp(-t^2 / 2).
