@@ -773,6 +773,11 @@ def read_metrics(out):
         return [json.loads(line) for line in f]
 
 
+def metrics_without_timing(out):
+    """metrics.jsonl rows minus img/s, the one field two identical runs may differ in."""
+    return [{k: v for k, v in row.items() if k != "img_per_s"} for row in read_metrics(out)]
+
+
 def test_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path):
     ckpt = run_train(tmp_path / "run", "--steps", "40", "--lr", "3e-3")
     rows = read_metrics(tmp_path / "run")
@@ -828,8 +833,7 @@ def test_resume_continues_exactly(tmp_path):
     for name in ("context_encoder", "target_encoder", "predictor"):
         for key, value in full[name].items():
             assert torch.equal(value, resumed[name][key]), (name, key)
-    drop_timing = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
-    assert drop_timing(read_metrics(tmp_path / "resumed")) == drop_timing(read_metrics(tmp_path / "full"))
+    assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "full")
 
 
 def test_a_nan_batch_is_skipped_and_too_many_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch, capsys):
@@ -959,8 +963,7 @@ def test_killed_at_five_points_and_resumed_ends_exactly_like_an_uninterrupted_ru
     for name in ("context_encoder", "target_encoder", "predictor"):
         for key, value in reference[name].items():
             assert torch.equal(value, final[name][key]), (name, key)
-    drop_timing = lambda rows: [{k: v for k, v in r.items() if k != "img_per_s"} for r in rows]
-    assert drop_timing(read_metrics(out)) == drop_timing(read_metrics(tmp_path / "reference"))
+    assert metrics_without_timing(out) == metrics_without_timing(tmp_path / "reference")
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
