@@ -823,6 +823,20 @@ def test_ema_is_updated_after_the_optimizer_step(tmp_path):
         torch.testing.assert_close(target, 0.9 * before[name] + 0.1 * after[name], atol=1e-7, rtol=1e-6)
 
 
+def test_clip_grad_bounds_the_gradient_the_optimizer_sees():
+    cfg = train.resolve(train.Config(model="nano", depth=2, batch_size=8, num_slices=16, clip_grad=0.01))
+    nets = train.build_models(cfg)
+    optimizer = train.build_optimizer(cfg, nets[0], nets[1])
+    params = [p for m in nets[:2] for p in m.parameters()]
+    seen = []
+    step = optimizer.step
+    optimizer.step = lambda: (seen.append(torch.nn.utils.get_total_norm([p.grad for p in params])), step())[1]
+    step_masks = train.sample_step_masks(cfg, 0, (8, 8), 0, 1, torch.device("cpu"))
+    out = train.train_step(cfg, nets, optimizer, params, torch.randn(8, 3, 32, 32), step_masks, 0, (8, 8), 0.99)
+    assert out[4] > 0.1                                   # the logged norm is the one before clipping
+    assert seen[0] == pytest.approx(0.01, rel=1e-3)       # AdamW got the clipped gradient
+
+
 def test_resume_continues_exactly(tmp_path):
     full = run_train(tmp_path / "full", "--steps", "6", "--ckpt-every", "3")
     os.makedirs(tmp_path / "resumed")
@@ -869,7 +883,7 @@ def nano_checkpoint(tmp_path_factory):
 BAD_ARGUMENTS = [
     ["--batch-size", "x"], ["--batch-size", "0"], ["--batch-size", "-4"], ["--lr", "fast"], ["--steps", "0"],
     ["--img-size", "30"], ["--patch-size", "0"], ["--model", "huge"], ["--lam", "2"], ["--precision", "fp16"],
-    ["--sigreg-on", "everything"], ["--device", "tpu"], ["--workers", "-1"], ["--no-such-flag"],
+    ["--sigreg-on", "everything"], ["--clip-grad", "0"], ["--device", "tpu"], ["--workers", "-1"], ["--no-such-flag"],
     ["--data", "no_such_dataset"], ["--data", "imagenet100", "--data-dir", "/nonexistent"],
     ["--data", "cifar10", "--data-dir", "/nonexistent"], ["--batch-size", "100000"], ["--ema", "1.5"],
     ["--embed-dim", "30", "--num-heads", "4"], ["--img-size", "32", "--patch-size", "16"],
@@ -987,7 +1001,13 @@ def torchrun(args, out):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={port}",
                "train.py", *args, "--out", str(out)]
     result = subprocess.run(command, cwd=HERE, env=subprocess_env(), capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Rarely (once in CI, never in 50 local runs), a rank aborts inside torch's gloo teardown after the
+    # run has finished and saved: "terminate called without an active exception". That is torch's
+    # bug, not a wrong result; anything else, or an abort before "done:", fails the test.
+    teardown_abort = "done:" in result.stdout and "terminate called without an active exception" in result.stderr
+    if result.returncode != 0 and teardown_abort:
+        warnings.warn("torchrun: a rank aborted in gloo's teardown after the run finished")
+    assert result.returncode == 0 or teardown_abort, result.stderr[-3000:]
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
 
 
@@ -1039,6 +1059,18 @@ def test_training_on_a_folder_with_bad_files_runs_to_the_end(tmp_path, cache, ca
     assert ckpt["counters"]["skipped_images"] >= (0 if cache else 1)   # the cache decodes each file once
     assert f"{ckpt['counters']['skipped_images']} unreadable images skipped" in capsys.readouterr().out
     assert len(list((tmp_path / "runs").glob("cache/images_train_37_*[0-9a-f].npy"))) == int(cache)
+
+
+def test_compiled_bf16_step_trains_on_cpu_and_matches_eager(tmp_path):
+    """The GPU recipe (torch.compile + bf16 autocast) runs end to end on this CPU, and its first step's
+    losses agree with eager bf16 to bf16 precision (same masks, same batch, same weights)."""
+    args = ("--steps", "2", "--precision", "bf16", "--num-slices", "16")
+    compiled = run_train(tmp_path / "compiled", *args, "--compile")
+    eager = run_train(tmp_path / "eager", *args)
+    assert compiled["step"] == 2 and compiled["config"]["compile"]
+    first_compiled, first_eager = read_metrics(tmp_path / "compiled")[0], read_metrics(tmp_path / "eager")[0]
+    for key in ("loss", "l2", "sigreg"):
+        assert first_compiled[key] == pytest.approx(first_eager[key], rel=3e-2), key
 
 
 def test_bf16_autocast_trains_on_cpu_and_the_checkpoint_feeds_eval_probe(tmp_path):

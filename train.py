@@ -54,7 +54,7 @@ DATASET_DEFAULTS = {
 }
 SIZES = ("embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads")
 ARCHITECTURE = ("model", "img_size", "patch_size", *SIZES)
-TRAJECTORY = ("data", "batch_size", "epochs", "steps", "lr", "lam", "seed", "ema", "sigreg_on")
+TRAJECTORY = ("data", "batch_size", "epochs", "steps", "lr", "lam", "seed", "ema", "sigreg_on", "clip_grad")
 
 
 @dataclass
@@ -89,6 +89,7 @@ class Config:
     weight_decay_end: float = 0.4
     ema: float = None               # EMA momentum at step 0 (0 = target is a stop-grad copy)
     ema_end: float = 1.0            # EMA momentum at the last step
+    clip_grad: float = None         # clip the gradient's global norm to this (None = no clipping)
     max_bad_steps: int = 10         # non-finite steps in a row before the run stops
     # runtime
     precision: str = None           # bf16 | fp32; None = bf16 on CUDA, fp32 elsewhere
@@ -142,7 +143,7 @@ def resolve(cfg):
         cfg.workers = min(8, os.cpu_count() or 1) if cfg.device != "cpu" else 0
     if cfg.precision is None:
         cfg.precision = "bf16" if cfg.device == "cuda" else "fp32"
-    for name in ("img_size", "patch_size", "batch_size", "epochs", "num_slices", "ckpt_every", "log_every",
+    for name in ("img_size", "patch_size", "batch_size", "epochs", "num_slices", "ckpt_every", "log_every", "clip_grad",
                  "max_bad_steps", "embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads", "steps"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
@@ -547,6 +548,8 @@ def train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, mom
     if out is None or not all_ranks_true(torch.isfinite(out[0]) & torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return None
+    if cfg.clip_grad is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, cfg.clip_grad, grad_norm)    # grad_norm: before clipping
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema_update(target_encoder, context_encoder, momentum)
@@ -675,6 +678,7 @@ def train(cfg):
               f"unreadable images skipped; {len(shapes_seen)} distinct padded (K, T) shapes "
               f"(= graphs per module under --compile); checkpoint {ckpt_path}")
     if dist.is_initialized():
+        dist.barrier()  # rank 0 was still plotting: tear gloo/NCCL down on all ranks together
         dist.destroy_process_group()
     return cfg.out
 
