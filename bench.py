@@ -15,6 +15,13 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
  3. masks  masks.sample_masks (vectorised) against a per-sample Python loop of the same sampler.
  4. data   JPEG decode + augmentation per DataLoader worker, and the decoded-cache path (uint8 memmap,
            augmentation on the device), each against the step's img/s: which one limits training?
+ 5. ijepa  only with --ijepa PATH (a checkout of facebookresearch/ijepa, imported at run time, never
+           copied): THEIR training step (src/train.py: target encoder + layer_norm, context encoder on
+           apply_masks, predictor, smooth L1, AdamW, EMA) on THEIR modules and MaskCollator, at our
+           setting, eager, in each --precision (their bf16 path is autocast), timed like 2.; FLOPs per
+           image counted with torch.utils.flop_counter (forward + backward), MFU against the same peak,
+           ours / official img/s, and the context patches each keeps per sample (their collator cuts
+           every sample to the batch's smallest).
 
 How to read it: absolute times on a shared machine mean little, ratios from one run do. On CPU keep
 torch's threads <= free cores (OMP_NUM_THREADS): oversubscribed cores stall PyTorch ops several-fold.
@@ -22,17 +29,23 @@ On CPU, memory is the process's peak RSS (torch's allocator is invisible to trac
 Python and torch themselves. torch.compile times are smaller when inductor's on-disk cache is warm.
 """
 import argparse
+import copy
 import json
+import logging
 import math
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
+import types
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import masks
@@ -163,7 +176,8 @@ def bench_step(cfg, steps, peak):
             "padding_share": mean["padding_share"], "achieved_flop_s": mean["useful"] * img_s,
             "mfu": mean["useful"] * img_s / peak, "peak_mem_mb": peak_memory_mb(device),
             "flop_split": {key: mean[key] / mean["useful"] for key in ("target", "context", "predictor")},
-            "padded_shapes": len({(m[0].shape[1], m[2].shape[1]) for m in all_masks}), "skipped_steps": skipped}
+            "padded_shapes": len({(m[0].shape[1], m[2].shape[1]) for m in all_masks}), "skipped_steps": skipped,
+            "context_patches": statistics.mean(float(m[1].sum(1).double().mean()) for m in all_masks[warmup:])}
 
 
 # ----------------------------------------------------------------------------- 3. mask sampling
@@ -272,6 +286,159 @@ def bench_data(device, batch_size, img_size=224, cache_size=256):
             "cached_img_s": len(dataset) / cached_s}
 
 
+# ----------------------------------------------------------------------------- 5. official I-JEPA step
+
+# The official mask and optimisation settings: configs/*.yaml (all four configs agree on these).
+IJEPA_MASKS = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5),
+                   nenc=1, npred=4, allow_overlap=False)
+IJEPA_MIN_KEEP = (10, 4)  # their configs' value, then MaskCollator's own default (see official_collator)
+IJEPA_OPTIMIZATION = dict(start_lr=2e-4, ref_lr=1e-3, final_lr=1e-6, warmup=40, num_epochs=300, wd=0.04,
+                          final_wd=0.4, ipe_scale=1.0, use_bfloat16=False)  # True would add a CUDA GradScaler;
+                                                                            # their bf16 autocast is official_loss's
+IJEPA_EMA = 0.996  # the start of their momentum schedule, kept constant as in bench_step
+
+
+def import_ijepa(path):
+    """The official modules, imported from the checkout at `path` at run time: bench.py depends on
+    them only under --ijepa, and none of their code is copied here."""
+    if not os.path.isfile(os.path.join(path, "src", "models", "vision_transformer.py")):
+        raise SystemExit(f"bench.py: error: --ijepa {path}: no src/models/vision_transformer.py there; "
+                         f"give the root of a facebookresearch/ijepa checkout")
+    sys.path.insert(0, os.path.abspath(path))
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        from src import helper
+        from src.masks.multiblock import MaskCollator
+        from src.masks.utils import apply_masks
+        from src.models import vision_transformer
+        from src.utils.distributed import AllReduce
+        from src.utils.logging import grad_logger
+        from src.utils.tensors import repeat_interleave_batch
+    except ImportError as error:
+        raise SystemExit(f"bench.py: error: --ijepa {path}: cannot import the official code: {error}")
+    # src.helper sends INFO to stdout on import, and init_model logs the whole model: keep our printout.
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    return types.SimpleNamespace(helper=helper, MaskCollator=MaskCollator, apply_masks=apply_masks,
+                                 vit=vision_transformer, AllReduce=AllReduce, grad_logger=grad_logger,
+                                 repeat_interleave_batch=repeat_interleave_batch)
+
+
+def official_collator(ijepa, cfg, batches=10_000):
+    """Their MaskCollator with their configs' mask settings and the first min_keep it can run with.
+
+    Their target-block loop redraws a block until it has MORE than min_keep patches and, unlike the
+    context loop, never relaxes: a batch whose target size rounds to <= min_keep patches loops
+    forever (on 8 x 8, 3 x 3 = 9 <= 10 in about half the batches). Batch i's block sizes come from a
+    generator seeded with i, so their own size function tells, before any batch is drawn, whether
+    one of the first `batches` would hang; then we fall back to the class default, min_keep = 4.
+    """
+    for min_keep in IJEPA_MIN_KEEP:
+        collator = ijepa.MaskCollator(input_size=cfg.img_size, patch_size=cfg.patch_size, min_keep=min_keep,
+                                      **IJEPA_MASKS)
+        sizes = {collator._sample_block_size(torch.Generator().manual_seed(seed), collator.pred_mask_scale,
+                                             collator.aspect_ratio) for seed in range(batches)}
+        if min(h * w for h, w in sizes) > min_keep:
+            return collator
+    raise SystemExit(f"bench.py: error: --ijepa: the official collator would loop forever on a "
+                     f"{cfg.img_size // cfg.patch_size}-patch-wide grid (target blocks of {sorted(sizes)})")
+
+
+def official_loss(ijepa, nets, images, masks_enc, masks_pred, precision):
+    """The forward of their train_step (src/train.py). It is a closure inside their main(), so it
+    cannot be imported: these are its calls, in its order, on their modules. Their bf16 path
+    (use_bfloat16, on in their configs) is torch.cuda.amp.autocast; here autocast on the bench's device."""
+    encoder, predictor, target_encoder = nets
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return _official_loss(ijepa, encoder, predictor, target_encoder, images, masks_enc, masks_pred)
+
+
+def _official_loss(ijepa, encoder, predictor, target_encoder, images, masks_enc, masks_pred):
+    with torch.no_grad():
+        h = target_encoder(images)
+        h = F.layer_norm(h, (h.size(-1),))                                            # their target normalisation
+        batch = len(h)
+        h = ijepa.apply_masks(h, masks_pred)
+        h = ijepa.repeat_interleave_batch(h, batch, repeat=len(masks_enc))
+    z = predictor(encoder(images, masks_enc), masks_enc, masks_pred)
+    return ijepa.AllReduce.apply(F.smooth_l1_loss(z, h))
+
+
+def official_step(ijepa, nets, optimizer, schedulers, images, step_masks, precision):
+    """Their whole train_step minus DDP and the CUDA timer: lr and wd schedules, forward, backward,
+    AdamW, their gradient statistics (one host sync per weight matrix, part of their step), the EMA
+    update as they write it, and float(loss)."""
+    encoder, _, target_encoder = nets
+    for scheduler in schedulers:
+        scheduler.step()
+    loss = official_loss(ijepa, nets, images, *step_masks, precision)
+    loss.backward()
+    optimizer.step()
+    ijepa.grad_logger(encoder.named_parameters())
+    optimizer.zero_grad()
+    with torch.no_grad():
+        for param_q, param_k in zip(encoder.parameters(), target_encoder.parameters()):
+            param_k.data.mul_(IJEPA_EMA).add_((1. - IJEPA_EMA) * param_q.detach().data)
+    return float(loss.detach())  # theirs is float(loss): the same host sync, without torch's warning about it
+
+
+def counted_flops(ijepa, nets, images, step_masks, precision):
+    """FLOPs per image of one forward + backward, counted by torch.utils.flop_counter. Their attention
+    is plain matmuls, which the counter sees; the optimizer and EMA are not counted, as in 2."""
+    with FlopCounterMode(display=False) as counter:
+        official_loss(ijepa, nets, images, *step_masks, precision).backward()
+    for net in nets[:2]:
+        net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(images)
+
+
+def bench_official(ijepa, cfg, steps, peak, ours):
+    """The official step on `cfg`'s setting (its precision, eager), timed as bench_step times ours: fixed random
+    images, fresh masks per step from their collator (drawn before timing, so not in the step time),
+    median over `steps` after the same warmup. `ours` is bench_step's row for `cfg`."""
+    print(f"  measuring the official I-JEPA step, {label(vars(cfg))} ...", flush=True)
+    device, warmup = torch.device(cfg.device), 2
+    sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in train.SIZES})
+    collator = official_collator(ijepa, cfg)
+    torch.manual_seed(cfg.seed)  # their init and their block positions use torch's global generator
+    # Built by their helper.init_model, but with OUR preset's predictor width and depth (their configs
+    # use 384 x 12 for ViT-H): the comparison is of implementations, not of model sizes. Its heads are
+    # the encoder's (init_model), as in our tiny, small and base presets.
+    encoder, predictor = ijepa.helper.init_model(device, patch_size=cfg.patch_size, model_name=f"vit_{cfg.model}",
+                                                 crop_size=cfg.img_size, pred_depth=sizes["pred_depth"],
+                                                 pred_emb_dim=sizes["pred_dim"])
+    target_encoder = copy.deepcopy(encoder).requires_grad_(False)
+    optimizer, _, *schedulers = ijepa.helper.init_opt(encoder, predictor, iterations_per_epoch=warmup + steps,
+                                                      **IJEPA_OPTIMIZATION)
+    nets = [encoder, predictor, target_encoder]
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size,
+                         generator=torch.Generator().manual_seed(cfg.seed))                # the images of bench_step
+    batch = [(image, 0) for image in images]  # their collator collates (image, label) pairs
+    all_masks = [[[m.to(device) for m in masks_] for masks_ in collator(batch)[1:]] for _ in range(warmup + steps)]
+    images = images.to(device)
+    times = []
+    for step, step_masks in enumerate(all_masks):
+        if step == warmup:
+            reset_peak_memory(device)
+        times.append(timed(lambda: official_step(ijepa, nets, optimizer, schedulers, images, step_masks,
+                                                 cfg.precision), device)[0])
+    step_s = statistics.median(times[warmup:])
+    peak_mem = peak_memory_mb(device)
+    flop = statistics.mean(counted_flops(ijepa, nets, images, m, cfg.precision) for m in all_masks[warmup:])
+    img_s = cfg.batch_size / step_s
+    return {"code": "facebookresearch/ijepa", "model": f"vit_{cfg.model}", "img_size": cfg.img_size,
+            "patch_size": cfg.patch_size, "batch_size": cfg.batch_size, "precision": cfg.precision, "compile": False,
+            "pred_dim": sizes["pred_dim"], "pred_depth": sizes["pred_depth"], "pred_heads": encoder.num_heads,
+            "min_keep": collator.min_keep, "step_s": step_s, "img_s": img_s, "flop_per_img": flop,
+            "achieved_flop_s": flop * img_s, "mfu": flop * img_s / peak, "peak_mem_mb": peak_mem,
+            "num_patches": (cfg.img_size // cfg.patch_size) ** 2,
+            "context_patches": statistics.mean(enc[0].shape[1] for enc, _ in all_masks[warmup:]),
+            "target_patches": statistics.mean(pred[0].shape[1] for _, pred in all_masks[warmup:]),
+            "ours_img_s": ours["img_s"], "ours_useful_flop_per_img": ours["useful_flop_per_img"],
+            "ours_context_patches": ours["context_patches"], "ours_over_official_img_s": ours["img_s"] / img_s}
+
+
 # ----------------------------------------------------------------------------- output
 
 def label(setting):
@@ -342,6 +509,24 @@ def print_data(result, step):
           "device augmentation take cores from the step itself")
 
 
+def print_official(o, ours):
+    n, rows = o["num_patches"], []
+    for name, r, flop, counted in (("ours (train.train_step)", ours, ours["useful_flop_per_img"], "analytic"),
+                                   ("official (src/train.py)", o, o["flop_per_img"], "flop_counter")):
+        rows.append([name, f"{r['step_s'] * 1e3:.0f} ms", f"{r['img_s']:.1f}", si(flop, "FLOP"), counted,
+                     si(flop * r["img_s"], "FLOP/s"), f"{r['mfu']:.1%}", f"{r['context_patches']:.1f} of {n}",
+                     "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f} MiB"])
+    print_table(f"5. official I-JEPA step (same setting: {label(ours)}, batch {o['batch_size']}; their modules, "
+                f"predictor {o['pred_dim']} wide x {o['pred_depth']} deep as ours)",
+                ["step", "time", "img/s", "FLOP/img", "counted", "achieved", "MFU", "context kept", "peak mem"], rows)
+    print(f"  ours / official img/s = {o['ours_over_official_img_s']:.2f}; FLOP/img ours / official = "
+          f"{ours['useful_flop_per_img'] / o['flop_per_img']:.2f}. Ours: analytic on the real tokens (padded: "
+          f"{si(ours['padded_flop_per_img'], 'FLOP')}); official: torch.utils.flop_counter, forward + backward")
+    why = "" if o["min_keep"] == IJEPA_MIN_KEEP[0] else f": their configs' {IJEPA_MIN_KEEP[0]} would loop forever here"
+    print(f"  their collator (min_keep {o['min_keep']}{why}) cuts every sample's context to the batch's "
+          f"smallest, and draws target blocks of {o['target_patches']:.1f} patches; ours keeps every visible patch")
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description="Benchmark the JEPA training step (see the docstring of bench.py).")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -356,6 +541,10 @@ def parse_args():
     parser.add_argument("--presets", action="store_true", help="also tiny, small, base at 224/16 (meant for a GPU)")
     parser.add_argument("--json", help="also write the JSON result to this path")
     parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline (4.)")
+    parser.add_argument("--ijepa", metavar="PATH",
+                        help="also time the official I-JEPA step (5.), imported from a facebookresearch/ijepa "
+                             "checkout at PATH, on the --model/--img-size setting, eager, per --precision "
+                             "(not with --compile)")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -374,6 +563,15 @@ def main():
                    for name, img, patch in settings for p in precisions for c in compiles]
     except train.UsageError as error:
         raise SystemExit(f"bench.py: error: {error}")
+    ijepa = None
+    if args.ijepa:  # checked before any measurement, so a wrong path fails at once
+        if args.compile:
+            raise SystemExit("bench.py: error: --ijepa compares eager steps (theirs has no torch.compile): "
+                             "drop --compile")
+        ijepa = import_ijepa(args.ijepa)
+        if not hasattr(ijepa.vit, f"vit_{args.model}"):
+            raise SystemExit(f"bench.py: error: --ijepa: the official code has no vit_{args.model}; "
+                             f"use --model tiny, small or base")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as train.py: "fp32" matmuls run in TF32, peak included
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -396,6 +594,14 @@ def main():
         result["data"] = bench_data(device, args.batch_size)
         vit_s = [r for r in result["steps"] if (r["model"], r["img_size"], r["patch_size"]) == ("small", 224, 16)]
         print_data(result["data"], max(vit_s or main_rows, key=lambda r: r["img_s"]))
+
+    if ijepa is not None:
+        result["official_ijepa"] = []
+        for cfg, ours in zip(configs, main_rows):
+            if not cfg.compile:  # one comparison per precision, eager against eager
+                result["official_ijepa"].append(bench_official(ijepa, cfg, args.steps,
+                                                               result["peak_flop_s"][cfg.precision], ours))
+                print_official(result["official_ijepa"][-1], ours)
 
     line = json.dumps(rounded(result))
     print(line)
