@@ -18,7 +18,8 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
  5. ijepa  only with --ijepa PATH (a checkout of facebookresearch/ijepa, imported at run time, never
            copied): THEIR training step (src/train.py: target encoder + layer_norm, context encoder on
            apply_masks, predictor, smooth L1, AdamW, EMA) on THEIR modules and MaskCollator, at our
-           setting, eager, in each --precision (their bf16 path is autocast), timed like 2.; FLOPs per
+           setting, eager, in each --precision (their bf16 path is autocast, without their CUDA
+           GradScaler, which bf16 does not need and which is off on CPU), timed like 2.; FLOPs per
            image counted with torch.utils.flop_counter (forward + backward), MFU against the same peak,
            ours / official img/s, and the context patches each keeps per sample (their collator cuts
            every sample to the batch's smallest).
@@ -288,13 +289,14 @@ def bench_data(device, batch_size, img_size=224, cache_size=256):
 
 # ----------------------------------------------------------------------------- 5. official I-JEPA step
 
-# The official mask and optimisation settings: configs/*.yaml (all four configs agree on these).
+# The official mask settings (all four configs/*.yaml agree) and the in1k configs' optimisation values.
+# use_bfloat16=False: True would only add their CUDA GradScaler (bf16 needs none; it is off on CPU);
+# their bf16 autocast is applied in official_loss.
 IJEPA_MASKS = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5),
                    nenc=1, npred=4, allow_overlap=False)
 IJEPA_MIN_KEEP = (10, 4)  # their configs' value, then MaskCollator's own default (see official_collator)
 IJEPA_OPTIMIZATION = dict(start_lr=2e-4, ref_lr=1e-3, final_lr=1e-6, warmup=40, num_epochs=300, wd=0.04,
-                          final_wd=0.4, ipe_scale=1.0, use_bfloat16=False)  # True would add a CUDA GradScaler;
-                                                                            # their bf16 autocast is official_loss's
+                          final_wd=0.4, ipe_scale=1.0, use_bfloat16=False)
 IJEPA_EMA = 0.996  # the start of their momentum schedule, kept constant as in bench_step
 
 
@@ -325,7 +327,7 @@ def import_ijepa(path):
                                  repeat_interleave_batch=repeat_interleave_batch)
 
 
-def official_collator(ijepa, cfg, batches=10_000):
+def official_collator(ijepa, cfg, batches):
     """Their MaskCollator with their configs' mask settings and the first min_keep it can run with.
 
     Their target-block loop redraws a block until it has MORE than min_keep patches and, unlike the
@@ -339,10 +341,12 @@ def official_collator(ijepa, cfg, batches=10_000):
                                       **IJEPA_MASKS)
         sizes = {collator._sample_block_size(torch.Generator().manual_seed(seed), collator.pred_mask_scale,
                                              collator.aspect_ratio) for seed in range(batches)}
-        if min(h * w for h, w in sizes) > min_keep:
+        smallest = min(h * w for h, w in sizes)
+        if smallest > min_keep:
             return collator
     raise SystemExit(f"bench.py: error: --ijepa: the official collator would loop forever on a "
-                     f"{cfg.img_size // cfg.patch_size}-patch-wide grid (target blocks of {sorted(sizes)})")
+                     f"{cfg.img_size // cfg.patch_size}-patch-wide grid (target blocks of {smallest} patches, "
+                     f"min_keep tried: {IJEPA_MIN_KEEP}); use a larger --img-size or smaller --patch-size")
 
 
 def official_loss(ijepa, nets, images, masks_enc, masks_pred, precision):
@@ -400,7 +404,7 @@ def bench_official(ijepa, cfg, steps, peak, ours):
     print(f"  measuring the official I-JEPA step, {label(vars(cfg))} ...", flush=True)
     device, warmup = torch.device(cfg.device), 2
     sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in train.SIZES})
-    collator = official_collator(ijepa, cfg)
+    collator = official_collator(ijepa, cfg, batches=warmup + steps)
     torch.manual_seed(cfg.seed)  # their init and their block positions use torch's global generator
     # Built by their helper.init_model, but with OUR preset's predictor width and depth (their configs
     # use 384 x 12 for ViT-H): the comparison is of implementations, not of model sizes. Its heads are
@@ -415,7 +419,10 @@ def bench_official(ijepa, cfg, steps, peak, ours):
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size,
                          generator=torch.Generator().manual_seed(cfg.seed))                # the images of bench_step
     batch = [(image, 0) for image in images]  # their collator collates (image, label) pairs
-    all_masks = [[[m.to(device) for m in masks_] for masks_ in collator(batch)[1:]] for _ in range(warmup + steps)]
+    all_masks = []
+    for _ in range(warmup + steps):
+        _, masks_enc, masks_pred = collator(batch)
+        all_masks.append(([m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
     images = images.to(device)
     times = []
     for step, step_masks in enumerate(all_masks):
@@ -425,7 +432,11 @@ def bench_official(ijepa, cfg, steps, peak, ours):
                                                  cfg.precision), device)[0])
     step_s = statistics.median(times[warmup:])
     peak_mem = peak_memory_mb(device)
-    flop = statistics.mean(counted_flops(ijepa, nets, images, m, cfg.precision) for m in all_masks[warmup:])
+    # The count depends only on the (K, T) of a batch: one counted pass per distinct pair.
+    shapes = [(enc[0].shape[1], pred[0].shape[1]) for enc, pred in all_masks[warmup:]]
+    by_shape = {shape: counted_flops(ijepa, nets, images, m, cfg.precision)
+                for shape, m in zip(shapes, all_masks[warmup:])}
+    flop = statistics.mean(by_shape[shape] for shape in shapes)
     img_s = cfg.batch_size / step_s
     return {"code": "facebookresearch/ijepa", "model": f"vit_{cfg.model}", "img_size": cfg.img_size,
             "patch_size": cfg.patch_size, "batch_size": cfg.batch_size, "precision": cfg.precision, "compile": False,
@@ -509,22 +520,24 @@ def print_data(result, step):
           "device augmentation take cores from the step itself")
 
 
-def print_official(o, ours):
-    n, rows = o["num_patches"], []
-    for name, r, flop, counted in (("ours (train.train_step)", ours, ours["useful_flop_per_img"], "analytic"),
-                                   ("official (src/train.py)", o, o["flop_per_img"], "flop_counter")):
-        rows.append([name, f"{r['step_s'] * 1e3:.0f} ms", f"{r['img_s']:.1f}", si(flop, "FLOP"), counted,
-                     si(flop * r["img_s"], "FLOP/s"), f"{r['mfu']:.1%}", f"{r['context_patches']:.1f} of {n}",
-                     "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f} MiB"])
-    print_table(f"5. official I-JEPA step (same setting: {label(ours)}, batch {o['batch_size']}; their modules, "
-                f"predictor {o['pred_dim']} wide x {o['pred_depth']} deep as ours)",
+def print_official(official, ours):
+    n, rows = official["num_patches"], []
+    for name, row, flop, counted in (("ours (train.train_step)", ours, ours["useful_flop_per_img"], "analytic"),
+                                     ("official (src/train.py)", official, official["flop_per_img"], "flop_counter")):
+        rows.append([name, f"{row['step_s'] * 1e3:.0f} ms", f"{row['img_s']:.1f}", si(flop, "FLOP"), counted,
+                     si(flop * row["img_s"], "FLOP/s"), f"{row['mfu']:.1%}", f"{row['context_patches']:.1f} of {n}",
+                     "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f} MiB"])
+    print_table(f"5. official I-JEPA step (same setting: {label(ours)}, batch {official['batch_size']}; their "
+                f"modules, predictor {official['pred_dim']} wide x {official['pred_depth']} deep as ours)",
                 ["step", "time", "img/s", "FLOP/img", "counted", "achieved", "MFU", "context kept", "peak mem"], rows)
-    print(f"  ours / official img/s = {o['ours_over_official_img_s']:.2f}; FLOP/img ours / official = "
-          f"{ours['useful_flop_per_img'] / o['flop_per_img']:.2f}. Ours: analytic on the real tokens (padded: "
-          f"{si(ours['padded_flop_per_img'], 'FLOP')}); official: torch.utils.flop_counter, forward + backward")
-    why = "" if o["min_keep"] == IJEPA_MIN_KEEP[0] else f": their configs' {IJEPA_MIN_KEEP[0]} would loop forever here"
-    print(f"  their collator (min_keep {o['min_keep']}{why}) cuts every sample's context to the batch's "
-          f"smallest, and draws target blocks of {o['target_patches']:.1f} patches; ours keeps every visible patch")
+    print(f"  ours / official img/s = {official['ours_over_official_img_s']:.2f}; FLOP/img ours / official = "
+          f"{ours['useful_flop_per_img'] / official['flop_per_img']:.2f}. Ours: analytic on the real tokens "
+          f"(padded: {si(ours['padded_flop_per_img'], 'FLOP')}); official: torch.utils.flop_counter, fwd + bwd")
+    why = ("" if official["min_keep"] == IJEPA_MIN_KEEP[0]
+           else f": their configs' {IJEPA_MIN_KEEP[0]} would loop forever here")
+    print(f"  their collator (min_keep {official['min_keep']}{why}) cuts every sample's context to the batch's "
+          f"smallest, and draws target blocks of {official['target_patches']:.1f} patches; ours keeps every "
+          f"visible patch")
 
 
 def parse_args():

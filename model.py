@@ -65,8 +65,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(b, length, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                                   # each (B, heads, L, dim/heads)
         # attn_mask (B, 1, 1, L): True = a real key. Fused kernels on GPU; no probabilities stored.
-        # On CPU in bf16, torch's fused kernel is 2-4x slower than the plain math path, forward +
-        # backward (measured with torch 2.13 on AVX-512 BF16): there the math path is used.
+        # On CPU in bf16, torch 2.13's fused kernel was 2-4x slower than the plain math path, forward +
+        # backward, at the CPU runs' lengths (L = 40-64, AVX-512 BF16; no gain left at L = 196), so
+        # there the math path is used; it keeps the (B, heads, L, L) probabilities for backward.
         cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
         with sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else contextlib.nullcontext():
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -828,9 +829,13 @@ def test_clip_grad_bounds_the_gradient_the_optimizer_sees():
     nets = train.build_models(cfg)
     optimizer = train.build_optimizer(cfg, nets[0], nets[1])
     params = [p for m in nets[:2] for p in m.parameters()]
-    seen = []
-    step = optimizer.step
-    optimizer.step = lambda: (seen.append(torch.nn.utils.get_total_norm([p.grad for p in params])), step())[1]
+    seen, step = [], optimizer.step
+
+    def step_and_record_the_norm():
+        seen.append(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        step()
+
+    optimizer.step = step_and_record_the_norm
     step_masks = train.sample_step_masks(cfg, 0, (8, 8), 0, 1, torch.device("cpu"))
     out = train.train_step(cfg, nets, optimizer, params, torch.randn(8, 3, 32, 32), step_masks, 0, (8, 8), 0.99)
     assert out[4] > 0.1                                   # the logged norm is the one before clipping
@@ -883,7 +888,8 @@ def nano_checkpoint(tmp_path_factory):
 BAD_ARGUMENTS = [
     ["--batch-size", "x"], ["--batch-size", "0"], ["--batch-size", "-4"], ["--lr", "fast"], ["--steps", "0"],
     ["--img-size", "30"], ["--patch-size", "0"], ["--model", "huge"], ["--lam", "2"], ["--precision", "fp16"],
-    ["--sigreg-on", "everything"], ["--clip-grad", "0"], ["--device", "tpu"], ["--workers", "-1"], ["--no-such-flag"],
+    ["--sigreg-on", "everything"], ["--clip-grad", "0"], ["--clip-grad", "nan"], ["--device", "tpu"],
+    ["--workers", "-1"], ["--no-such-flag"],
     ["--data", "no_such_dataset"], ["--data", "imagenet100", "--data-dir", "/nonexistent"],
     ["--data", "cifar10", "--data-dir", "/nonexistent"], ["--batch-size", "100000"], ["--ema", "1.5"],
     ["--embed-dim", "30", "--num-heads", "4"], ["--img-size", "32", "--patch-size", "16"],
@@ -907,6 +913,16 @@ def test_resume_into_another_architecture_and_overwriting_a_run_are_refused(nano
     err = capsys.readouterr().err
     assert "another architecture" in err and "already holds a checkpoint" in err
     assert torch.load(nano_checkpoint, weights_only=True)["step"] == 2  # nothing saved was lost
+
+
+def test_a_checkpoint_from_before_a_new_config_field_still_resumes(nano_checkpoint, tmp_path):
+    """Fields added to Config later (here clip_grad) are absent from older checkpoints: resume must work."""
+    state = torch.load(nano_checkpoint, weights_only=True)
+    del state["config"]["clip_grad"]
+    os.makedirs(tmp_path / "old")
+    torch.save(state, tmp_path / "old" / "ckpt.pt")
+    resumed = run_train(tmp_path / "old", "--steps", "3", "--resume")
+    assert resumed["step"] == 3
 
 
 # ============================================================================= faults: signals, kills, processes
@@ -1001,10 +1017,12 @@ def torchrun(args, out):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={port}",
                "train.py", *args, "--out", str(out)]
     result = subprocess.run(command, cwd=HERE, env=subprocess_env(), capture_output=True, text=True, timeout=180)
-    # Rarely (once in CI, never in 50 local runs), a rank aborts inside torch's gloo teardown after the
-    # run has finished and saved: "terminate called without an active exception". That is torch's
-    # bug, not a wrong result; anything else, or an abort before "done:", fails the test.
-    teardown_abort = "done:" in result.stdout and "terminate called without an active exception" in result.stderr
+    # Rarely (once in CI, before train.py put a barrier in front of destroy_process_group; never in 50
+    # local runs), a rank aborted inside torch's gloo teardown after the run had finished and saved:
+    # "terminate called without an active exception". That is torch's bug, not a wrong result; an
+    # abort before "done:", or a Python traceback through train.py, still fails the test.
+    teardown_abort = ("done:" in result.stdout and "terminate called without an active exception" in result.stderr
+                      and 'train.py", line' not in result.stderr)
     if result.returncode != 0 and teardown_abort:
         warnings.warn("torchrun: a rank aborted in gloo's teardown after the run finished")
     assert result.returncode == 0 or teardown_abort, result.stderr[-3000:]
@@ -1061,10 +1079,11 @@ def test_training_on_a_folder_with_bad_files_runs_to_the_end(tmp_path, cache, ca
     assert len(list((tmp_path / "runs").glob("cache/images_train_37_*[0-9a-f].npy"))) == int(cache)
 
 
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_bf16_step_trains_on_cpu_and_matches_eager(tmp_path):
     """The GPU recipe (torch.compile + bf16 autocast) runs end to end on this CPU, and its first step's
     losses agree with eager bf16 to bf16 precision (same masks, same batch, same weights)."""
-    args = ("--steps", "2", "--precision", "bf16", "--num-slices", "16")
+    args = ("--steps", "2", "--precision", "bf16")
     compiled = run_train(tmp_path / "compiled", *args, "--compile")
     eager = run_train(tmp_path / "eager", *args)
     assert compiled["step"] == 2 and compiled["config"]["compile"]

@@ -146,7 +146,7 @@ def resolve(cfg):
     for name in ("img_size", "patch_size", "batch_size", "epochs", "num_slices", "ckpt_every", "log_every", "clip_grad",
                  "max_bad_steps", "embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads", "steps"):
         value = getattr(cfg, name)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:                      # `not > 0` also catches NaN
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     checks = [
         (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
@@ -517,7 +517,8 @@ def open_run(cfg, rank):
     if changed:
         raise UsageError(f"--resume {used}: the checkpoint has another architecture ("
                          + ", ".join(f"{k}={stored[k]} there, {getattr(cfg, k)} here" for k in changed) + ")")
-    changed = [f"{k}={stored[k]} -> {getattr(cfg, k)}" for k in TRAJECTORY if stored[k] != getattr(cfg, k)]
+    # .get: a field added after the checkpoint was written (e.g. clip_grad) was None, its default, then
+    changed = [f"{k}={stored.get(k)} -> {getattr(cfg, k)}" for k in TRAJECTORY if stored.get(k) != getattr(cfg, k)]
     if changed and rank == 0:
         print(f"warning: resuming with changed settings ({', '.join(changed)}): the run will not continue "
               f"exactly as it started", file=sys.stderr)
