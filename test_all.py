@@ -1079,7 +1079,8 @@ def test_training_on_a_folder_with_bad_files_runs_to_the_end(tmp_path, cache, ca
     assert len(list((tmp_path / "runs").glob("cache/images_train_37_*[0-9a-f].npy"))) == int(cache)
 
 
-@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile on CPU needs a C++ compiler")
 def test_compiled_bf16_step_trains_on_cpu_and_matches_eager(tmp_path):
     """The GPU recipe (torch.compile + bf16 autocast) runs end to end on this CPU, and its first step's
     losses agree with eager bf16 to bf16 precision (same masks, same batch, same weights)."""
