@@ -73,6 +73,23 @@ def timed(fn, device):
     return time.perf_counter() - start, value
 
 
+WARMUP_STEPS = 2  # compiled: step 1 compiles, step 2 usually recompiles for a dynamic size
+
+
+def time_steps(step_fn, all_masks, device):
+    """Call step_fn(step, masks) once per entry of all_masks, timing each call; peak memory counts
+    from the first step after WARMUP_STEPS. Returns (median seconds of the measured steps, all times,
+    the calls' results)."""
+    times, results = [], []
+    for step, step_masks in enumerate(all_masks):
+        if step == WARMUP_STEPS:
+            reset_peak_memory(device)
+        seconds, result = timed(lambda: step_fn(step, step_masks), device)
+        times.append(seconds)
+        results.append(result)
+    return statistics.median(times[WARMUP_STEPS:]), times, results
+
+
 def median_time(fn, device, reps, warmup=1):
     for _ in range(warmup):
         fn()
@@ -153,20 +170,13 @@ def bench_step(cfg, steps, peak):
     params = [p for m in (context_encoder, predictor) for p in m.parameters()]
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size,
                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    # Compiled, step 1 compiles and step 2 usually meets a new K and recompiles it as a dynamic size;
-    # a later recompile lands in compile_s, not in the median. Eager warms up alike: same measured masks.
-    warmup = 2
+    # A recompile after the warmup lands in compile_s, not in the median. Eager warms up alike.
+    warmup = WARMUP_STEPS
     all_masks = [train.sample_step_masks(cfg, step, grid, 0, 1, device) for step in range(warmup + steps)]
-    skipped, times = 0, []
-    for step, step_masks in enumerate(all_masks):
-        if step == warmup:
-            reset_peak_memory(device)
-        # The schedules only change lr, wd and momentum values, not the work: keep them constant.
-        seconds, out = timed(lambda: train.train_step(cfg, nets, optimizer, params, images, step_masks, step, grid,
-                                                      cfg.ema), device)
-        times.append(seconds)
-        skipped += out is None
-    step_s = statistics.median(times[warmup:])
+    # The schedules only change lr, wd and momentum values, not the work: keep them constant.
+    step_s, times, outs = time_steps(lambda step, step_masks: train.train_step(
+        cfg, nets, optimizer, params, images, step_masks, step, grid, cfg.ema), all_masks, device)
+    skipped = sum(out is None for out in outs)
     flops = [analytic_step_flops(context_encoder, predictor, m, grid[0] * grid[1]) for m in all_masks[warmup:]]
     mean = {key: statistics.mean(f[key] for f in flops) for key in flops[0]}
     img_s = cfg.batch_size / step_s
@@ -402,7 +412,7 @@ def bench_official(ijepa, cfg, steps, peak, ours):
     images, fresh masks per step from their collator (drawn before timing, so not in the step time),
     median over `steps` after the same warmup. `ours` is bench_step's row for `cfg`."""
     print(f"  measuring the official I-JEPA step, {label(vars(cfg))} ...", flush=True)
-    device, warmup = torch.device(cfg.device), 2
+    device, warmup = torch.device(cfg.device), WARMUP_STEPS
     sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in train.SIZES})
     collator = official_collator(ijepa, cfg, batches=warmup + steps)
     torch.manual_seed(cfg.seed)  # their init and their block positions use torch's global generator
@@ -424,18 +434,13 @@ def bench_official(ijepa, cfg, steps, peak, ours):
         _, masks_enc, masks_pred = collator(batch)
         all_masks.append(([m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
     images = images.to(device)
-    times = []
-    for step, step_masks in enumerate(all_masks):
-        if step == warmup:
-            reset_peak_memory(device)
-        times.append(timed(lambda: official_step(ijepa, nets, optimizer, schedulers, images, step_masks,
-                                                 cfg.precision), device)[0])
-    step_s = statistics.median(times[warmup:])
+    step_s, _, _ = time_steps(lambda step, step_masks: official_step(
+        ijepa, nets, optimizer, schedulers, images, step_masks, cfg.precision), all_masks, device)
     peak_mem = peak_memory_mb(device)
     # The count depends only on the (K, T) of a batch: one counted pass per distinct pair.
     shapes = [(enc[0].shape[1], pred[0].shape[1]) for enc, pred in all_masks[warmup:]]
-    by_shape = {shape: counted_flops(ijepa, nets, images, m, cfg.precision)
-                for shape, m in zip(shapes, all_masks[warmup:])}
+    one_batch_per_shape = dict(zip(shapes, all_masks[warmup:]))
+    by_shape = {shape: counted_flops(ijepa, nets, images, m, cfg.precision) for shape, m in one_batch_per_shape.items()}
     flop = statistics.mean(by_shape[shape] for shape in shapes)
     img_s = cfg.batch_size / step_s
     return {"code": "facebookresearch/ijepa", "model": f"vit_{cfg.model}", "img_size": cfg.img_size,
