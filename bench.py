@@ -10,7 +10,7 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
            the median over the measured steps (robust to a recompile or a busy neighbour); compile time is
            the excess of all steps (warmup included) over that median. FLOPs are counted analytically
            from the architecture and each step's masks (analytic_step_flops): "useful" on the real token
-           counts, "padded" on the padded lengths the kernels compute. MFU = useful FLOP/s / peak. The
+           counts, "executed" on what the kernels compute (padding included). MFU = useful FLOP/s / peak. The
            loss, optimizer and EMA are not counted, as usual for MFU (PaLM, Chowdhery et al. 2022).
  3. masks  masks.sample_masks (vectorised) against a per-sample Python loop of the same sampler.
  4. data   JPEG decode + augmentation per DataLoader worker, and the decoded-cache path (uint8 memmap,
@@ -125,17 +125,19 @@ def peak_flops(device, precision):
 
 # ----------------------------------------------------------------------------- 2. training step
 
-def analytic_step_flops(encoder, predictor, step_masks, num_patches):
+def analytic_step_flops(encoder, predictor, step_masks, num_patches, packed):
     """Model FLOPs per image of one training step, from the architecture and that step's masks.
 
     Target encoder: forward on all N patches. Context encoder and predictor: forward + backward =
     3x forward (backward computes input and weight gradients), on the real visible tokens and, per
     target block, real context + target tokens. Patch embedding: forward on all N patches in both
     encoders, as computed, plus its weight gradient (no input gradient) in the context encoder.
-    `padded` is the same count on the padded lengths K and T: what the kernels really compute.
+    `executed` is what the kernels really compute: with `packed` tokens (eager mode, model.TokenLayout)
+    only attention and the predictor's input projection run on the padded lengths K and T; padded
+    (under torch.compile) everything does.
 
     Args: step_masks = (context_idx, context_valid, target_idx, target_valid) of train.sample_step_masks.
-    Returns floats per image: useful, padded, padding_share (of the Transformer FLOPs, patch embedding
+    Returns floats per image: useful, executed, padding_share (of the Transformer FLOPs, patch embedding
     excluded), and useful split into target, context, predictor.
     """
     _, context_valid, _, target_valid = (t.cpu() for t in step_masks)
@@ -150,11 +152,21 @@ def analytic_step_flops(encoder, predictor, step_masks, num_patches):
     split = {"target": encoder.flops(num_patches) + patch_embed,
              "context": 3 * float(encoder.flops(k).double().mean()) + 2 * patch_embed,
              "predictor": 3 * float((embed + rows.sum(1)).double().mean())}
-    padded = (encoder.flops(num_patches) + 3 * encoder.flops(padded_k)
-              + 3 * predictor.flops(padded_k, padded_t, dim, num_blocks) + 3 * patch_embed)
     useful = sum(split.values())
-    return {"useful": useful, "padded": float(padded),
-            "padding_share": 1 - (useful - 3 * patch_embed) / (padded - 3 * patch_embed), **split}
+    if packed:
+        pred_dim, pred_depth = predictor.pred_dim, len(predictor.blocks)
+        extra_attention = (len(encoder.blocks) * (model.attention_flops(padded_k, dim)
+                                                  - model.attention_flops(k, dim).double().mean())
+                           + num_blocks * pred_depth * (model.attention_flops(padded_k + padded_t, pred_dim)
+                                                        - model.attention_flops(k[:, None] + t, pred_dim)
+                                                        .double().mean(1).mean()))
+        extra_embed = 2 * (padded_k - k.double().mean()) * dim * pred_dim
+        executed = useful + 3 * float(extra_attention + extra_embed)
+    else:
+        executed = (encoder.flops(num_patches) + 3 * encoder.flops(padded_k)
+                    + 3 * predictor.flops(padded_k, padded_t, dim, num_blocks) + 3 * patch_embed)
+    return {"useful": useful, "executed": float(executed),
+            "padding_share": 1 - (useful - 3 * patch_embed) / (executed - 3 * patch_embed), **split}
 
 
 def bench_step(cfg, steps, peak):
@@ -177,13 +189,13 @@ def bench_step(cfg, steps, peak):
     step_s, times, outs = time_steps(lambda step, step_masks: train.train_step(
         cfg, nets, optimizer, params, images, step_masks, step, grid, cfg.ema), all_masks, device)
     skipped = sum(out is None for out in outs)
-    flops = [analytic_step_flops(context_encoder, predictor, m, grid[0] * grid[1]) for m in all_masks[warmup:]]
+    flops = [analytic_step_flops(context_encoder, predictor, m, grid[0] * grid[1], not cfg.compile) for m in all_masks[warmup:]]
     mean = {key: statistics.mean(f[key] for f in flops) for key in flops[0]}
     img_s = cfg.batch_size / step_s
     return {"model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch_size": cfg.batch_size,
             "precision": cfg.precision, "compile": cfg.compile, "step_s": step_s, "img_s": img_s,
             "compile_s": sum(times) - len(times) * step_s if cfg.compile else None,
-            "useful_flop_per_img": mean["useful"], "padded_flop_per_img": mean["padded"],
+            "useful_flop_per_img": mean["useful"], "executed_flop_per_img": mean["executed"],
             "padding_share": mean["padding_share"], "achieved_flop_s": mean["useful"] * img_s,
             "mfu": mean["useful"] * img_s / peak, "peak_mem_mb": peak_memory_mb(device),
             "flop_split": {key: mean[key] / mean["useful"] for key in ("target", "context", "predictor")},
@@ -488,10 +500,10 @@ def print_table(title, header, rows):
 
 def print_steps(rows):
     print_table("2. training step (train.train_step; FLOPs per image analytic, from each step's masks)",
-                ["model", "img/patch", "prec", "mode", "step", "img/s", "useful/img", "padded/img", "pad share",
+                ["model", "img/patch", "prec", "mode", "step", "img/s", "useful/img", "executed/img", "pad share",
                  "tgt/ctx/pred", "achieved", "MFU", "compile", "peak mem"],
                 [[*label(r).split(), f"{r['step_s'] * 1e3:.0f} ms", f"{r['img_s']:.1f}",
-                  si(r["useful_flop_per_img"], "FLOP"), si(r["padded_flop_per_img"], "FLOP"),
+                  si(r["useful_flop_per_img"], "FLOP"), si(r["executed_flop_per_img"], "FLOP"),
                   f"{r['padding_share']:.1%}", "/".join(f"{v:.0%}" for v in r["flop_split"].values()),
                   si(r["achieved_flop_s"], "FLOP/s"), f"{r['mfu']:.1%}",
                   "-" if r["compile_s"] is None else f"{r['compile_s']:.0f} s",
@@ -537,7 +549,7 @@ def print_official(official, ours):
                 ["step", "time", "img/s", "FLOP/img", "counted", "achieved", "MFU", "context kept", "peak mem"], rows)
     print(f"  ours / official img/s = {official['ours_over_official_img_s']:.2f}; FLOP/img ours / official = "
           f"{ours['useful_flop_per_img'] / official['flop_per_img']:.2f}. Ours: analytic on the real tokens "
-          f"(padded: {si(ours['padded_flop_per_img'], 'FLOP')}); official: torch.utils.flop_counter, fwd + bwd")
+          f"(executed: {si(ours['executed_flop_per_img'], 'FLOP')}); official: torch.utils.flop_counter, fwd + bwd")
     why = ("" if official["min_keep"] == IJEPA_MIN_KEEP[0]
            else f": their configs' {IJEPA_MIN_KEEP[0]} would loop forever here")
     print(f"  their collator (min_keep {official['min_keep']}{why}) cuts every sample's context to the batch's "

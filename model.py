@@ -9,10 +9,13 @@ Shape legend
     R   rows of the predictor batch, B * M (one row per sample and target block)
     D   encoder width                   E   predictor width
     L   sequence length seen by a Transformer block
+    S   real (unpadded) tokens of a batch, packed one after another
 
 Padding: a sample keeps *all* its visible patches. Shorter samples are padded to the batch maximum,
 and each padded position is flagged invalid: no real token attends to it (attention mask), and the
 losses and pooled features skip it. A sample's outputs are thus the same alone or in any batch.
+In eager mode the real tokens are packed inside the Transformer (see TokenLayout), so padding
+costs FLOPs only in attention.
 """
 import contextlib
 import math
@@ -51,6 +54,35 @@ def sincos_pos_embed(h, w, dim, device=None):
     return torch.cat([angles_r.sin(), angles_r.cos(), angles_c.sin(), angles_c.cos()], 1)   # (N, dim)
 
 
+class TokenLayout:
+    """Where the real tokens of a padded (B, L) batch sit.
+
+    Layer norms, linear layers and the MLP treat tokens one by one, so they run on the packed real
+    tokens, (S, C) with S = sum of the valid flags, and spend nothing on padding; only attention,
+    which mixes the tokens of one sample, needs them in padded (B, L, C) form, with padded keys
+    masked out (README, Performance, measures what this saves). Under torch.compile the layout
+    stays padded (`packed` False): the packed length S changes every step, which would compile a
+    new graph, and bucketed padded shapes keep the number of graphs small.
+    """
+
+    def __init__(self, valid, batch, length):
+        self.batch, self.length = batch, length
+        self.attn_mask = None if valid is None else valid[:, None, None, :]     # (B, 1, 1, L), True = real key
+        self.packed = valid is not None and not torch.compiler.is_compiling()
+        self.index = valid.flatten().nonzero().squeeze(1) if self.packed else None  # (S,)
+
+    def pack(self, x):
+        """(B, L, C) -> (S, C) when packed, else unchanged."""
+        return x.flatten(0, 1)[self.index] if self.packed else x
+
+    def unpack(self, x):
+        """(S, C) -> (B, L, C) with zeros at padding when packed, else unchanged."""
+        if not self.packed:
+            return x
+        padded = x.new_zeros(self.batch * self.length, x.shape[-1])
+        return padded.index_copy(0, self.index, x).view(self.batch, self.length, -1)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -60,18 +92,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, attn_mask=None):
-        b, length, dim = x.shape
-        qkv = self.qkv(x).view(b, length, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                   # each (B, heads, L, dim/heads)
-        # attn_mask (B, 1, 1, L): True = a real key. Fused kernels on GPU; no probabilities stored.
+    def forward(self, x, layout):
+        """Shape: x (S, dim) packed or (B, L, dim) padded, as `layout` says -> the same."""
+        qkv = layout.unpack(self.qkv(x))                                        # (B, L, 3 dim)
+        b, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        # each (B, heads, L, dim/heads). Fused kernels on GPU; no probabilities stored.
         # On CPU in bf16, torch 2.13's fused kernel was 2-4x slower than the plain math path, forward +
         # backward, at the CPU runs' lengths (L = 40-64, AVX-512 BF16; no gain left at L = 196), so
         # there the math path is used; it keeps the (B, heads, L, L) probabilities for backward.
         cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
         with sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else contextlib.nullcontext():
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(b, length, dim))            # (B, L, dim)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask)
+        return self.proj(layout.pack(x.transpose(1, 2).reshape(b, length, dim)))   # (S, dim) or (B, L, dim)
 
 
 class MLP(nn.Module):
@@ -94,8 +127,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.norm1(x), attn_mask)
+    def forward(self, x, layout):
+        x = x + self.attn(self.norm1(x), layout)
         return x + self.mlp(self.norm2(x))
 
 
@@ -117,15 +150,15 @@ def init_weights(module, blocks):
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * (layer + 1)))
 
 
-def key_padding_mask(valid):
-    """(B, L) bool, True = real token -> (B, 1, 1, L), broadcast over heads and queries; None if no padding."""
-    return None if valid is None else valid[:, None, None, :]
-
-
 def block_flops(length, dim, mlp_ratio=4.0):
     """Forward multiply-add FLOPs (x2) of one Block on a length-L sequence: the qkv, proj and MLP
     matmuls, 2 L D (3D + D + 2 mlp_ratio D), plus attention scores and weighted sum, 2 * 2 L^2 D."""
-    return 2 * length * dim * (4 * dim + 2 * int(dim * mlp_ratio)) + 4 * length * length * dim
+    return 2 * length * dim * (4 * dim + 2 * int(dim * mlp_ratio)) + attention_flops(length, dim)
+
+
+def attention_flops(length, dim):
+    """Forward FLOPs of attention's two batched products, Q K^T and P V, on a length-L sequence."""
+    return 4 * length * length * dim
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -157,10 +190,11 @@ class Encoder(nn.Module):
         x = x + sincos_pos_embed(h, w, self.embed_dim, x.device).to(x.dtype)
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
-        attn_mask = key_padding_mask(keep_valid)
+        layout = TokenLayout(keep_valid, *x.shape[:2])
+        x = layout.pack(x)                                                       # (S, D) or (B, K, D)
         for block in self.blocks:
-            x = block(x, attn_mask)
-        return self.norm(x)                                                      # (B, K, D)
+            x = block(x, layout)
+        return layout.unpack(self.norm(x))                                       # (B, K, D), 0 at padding
 
     def flops(self, num_tokens):
         """Forward FLOPs per image for `num_tokens` kept tokens (patch embedding on all N is
@@ -202,10 +236,13 @@ class Predictor(nn.Module):
         queries = self.mask_token + pos[target_idx]                             # (R, T, E)
         x = torch.cat([x, queries], 1)                                          # (R, K + T, E)
         valid = torch.cat([context_valid.repeat_interleave(num_blocks, 0), target_valid], 1)
-        attn_mask = key_padding_mask(valid)
+        layout = TokenLayout(valid, *x.shape[:2])
+        x = layout.pack(x)                                                       # (S, E) or (R, K + T, E)
         for block in self.blocks:
-            x = block(x, attn_mask)
-        return self.proj(self.norm(x[:, context.shape[1]:]))                   # (R, T, D)
+            x = block(x, layout)
+        outputs = TokenLayout(target_valid, *target_idx.shape)
+        x = outputs.pack(layout.unpack(x)[:, context.shape[1]:])                # (S_T, E) or (R, T, E)
+        return outputs.unpack(self.proj(self.norm(x)))                          # (R, T, D), 0 at padding
 
     def flops(self, num_context, num_targets, embed_dim, num_blocks):
         """Forward FLOPs per sample: the context is embedded once, then each of the M rows runs

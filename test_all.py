@@ -228,6 +228,31 @@ def test_analytic_flops_match_torch_flop_counter():
     assert counter.get_total_flops() == 2 * predictor.flops(40, 10, 32, num_blocks=4)
 
 
+def test_packed_tokens_spend_flops_on_padding_only_in_attention():
+    """bench.analytic_step_flops' `executed` count equals torch's FLOP counter on one eager step with
+    real, unevenly padded masks (forward + backward of context encoder and predictor, target forward),
+    and padding costs far less than computing every padded token would."""
+    import bench
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = train.resolve(train.Config(model="nano", img_size=32, patch_size=4, batch_size=8))
+    encoder, predictor, target_encoder = train.build_models(cfg)
+    step_masks = train.sample_step_masks(cfg, 0, (8, 8), 0, 1, torch.device("cpu"))
+    context_idx, context_valid, target_idx, target_valid = step_masks
+    assert not context_valid.all()                       # uneven contexts: there is padding to skip
+    images = torch.randn(8, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        with torch.no_grad():
+            target_encoder(images)
+        context = encoder(images, context_idx, context_valid)
+        predictor(context, context_idx, context_valid, target_idx, target_valid, (8, 8)).sum().backward()
+    counted = bench.analytic_step_flops(encoder, predictor, step_masks, 64, packed=True)
+    assert counted["executed"] * 8 == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    dense = bench.analytic_step_flops(encoder, predictor, step_masks, 64, packed=False)
+    assert counted["useful"] < counted["executed"] < dense["executed"]
+    assert counted["padding_share"] < 0.5 * dense["padding_share"]
+
+
 # ============================================================================= losses.py
 
 def test_sigreg_is_about_1_for_gaussians_and_larger_otherwise():
