@@ -133,8 +133,8 @@ def analytic_step_flops(encoder, predictor, step_masks, num_patches, packed):
     target block, real context + target tokens. Patch embedding: forward on all N patches in both
     encoders, as computed, plus its weight gradient (no input gradient) in the context encoder.
     `executed` is what the kernels really compute: with `packed` tokens (eager mode, model.TokenLayout)
-    only attention and the predictor's input projection run on the padded lengths K and T; padded
-    (under torch.compile) everything does.
+    only attention and the predictor's input and output projections run on the padded lengths K
+    and T; padded (under torch.compile) everything does.
 
     Args: step_masks = (context_idx, context_valid, target_idx, target_valid) of train.sample_step_masks.
     Returns floats per image: useful, executed, padding_share (of the Transformer FLOPs, patch embedding
@@ -161,7 +161,8 @@ def analytic_step_flops(encoder, predictor, step_masks, num_patches, packed):
                                                         - model.attention_flops(k[:, None] + t, pred_dim)
                                                         .double().mean(1).mean()))
         extra_embed = 2 * (padded_k - k.double().mean()) * dim * pred_dim
-        executed = useful + 3 * float(extra_attention + extra_embed)
+        extra_proj = num_blocks * 2 * (padded_t - t.double().mean()) * pred_dim * dim
+        executed = useful + 3 * float(extra_attention + extra_embed + extra_proj)
     else:
         executed = (encoder.flops(num_patches) + 3 * encoder.flops(padded_k)
                     + 3 * predictor.flops(padded_k, padded_t, dim, num_blocks) + 3 * patch_embed)

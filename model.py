@@ -65,8 +65,7 @@ class TokenLayout:
     new graph, and bucketed padded shapes keep the number of graphs small.
     """
 
-    def __init__(self, valid, batch, length):
-        self.batch, self.length = batch, length
+    def __init__(self, valid):
         self.attn_mask = None if valid is None else valid[:, None, None, :]     # (B, 1, 1, L), True = real key
         self.packed = valid is not None and not torch.compiler.is_compiling()
         self.index = valid.flatten().nonzero().squeeze(1) if self.packed else None  # (S,)
@@ -79,8 +78,9 @@ class TokenLayout:
         """(S, C) -> (B, L, C) with zeros at padding when packed, else unchanged."""
         if not self.packed:
             return x
-        padded = x.new_zeros(self.batch * self.length, x.shape[-1])
-        return padded.index_copy(0, self.index, x).view(self.batch, self.length, -1)
+        batch, length = self.attn_mask.shape[0], self.attn_mask.shape[-1]
+        padded = x.new_zeros(batch * length, x.shape[-1])
+        return padded.index_copy(0, self.index, x).view(batch, length, -1)
 
 
 class Attention(nn.Module):
@@ -190,7 +190,7 @@ class Encoder(nn.Module):
         x = x + sincos_pos_embed(h, w, self.embed_dim, x.device).to(x.dtype)
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
-        layout = TokenLayout(keep_valid, *x.shape[:2])
+        layout = TokenLayout(keep_valid)
         x = layout.pack(x)                                                       # (S, D) or (B, K, D)
         for block in self.blocks:
             x = block(x, layout)
@@ -236,13 +236,11 @@ class Predictor(nn.Module):
         queries = self.mask_token + pos[target_idx]                             # (R, T, E)
         x = torch.cat([x, queries], 1)                                          # (R, K + T, E)
         valid = torch.cat([context_valid.repeat_interleave(num_blocks, 0), target_valid], 1)
-        layout = TokenLayout(valid, *x.shape[:2])
+        layout = TokenLayout(valid)
         x = layout.pack(x)                                                       # (S, E) or (R, K + T, E)
         for block in self.blocks:
             x = block(x, layout)
-        outputs = TokenLayout(target_valid, *target_idx.shape)
-        x = outputs.pack(layout.unpack(x)[:, context.shape[1]:])                # (S_T, E) or (R, T, E)
-        return outputs.unpack(self.proj(self.norm(x)))                          # (R, T, D), 0 at padding
+        return self.proj(self.norm(layout.unpack(x)[:, context.shape[1]:]))   # (R, T, D)
 
     def flops(self, num_context, num_targets, embed_dim, num_blocks):
         """Forward FLOPs per sample: the context is embedded once, then each of the M rows runs
