@@ -62,6 +62,34 @@ def _world_sum(x):
     return _SumOverRanks.apply(x) if _world_size() > 1 else x
 
 
+class _WaveSums(torch.autograd.Function):
+    """sum_s cos(t_j x_sm) and sum_s sin(t_j x_sm), the unnormalised empirical characteristic function.
+
+    Its backward reuses the forward's cosines and sines, since d cos(t x)/dx = -t sin(t x) and
+    d sin(t x)/dx = t cos(t x); autograd would evaluate each of them a second time. Those S * M * J
+    transcendentals (about 11 million per step on CIFAR-10's tokens) made up a third of a CPU step.
+
+    Shape: x (S, M), t (J,) -> (2, M, J).
+    """
+
+    @staticmethod
+    def forward(ctx, x, t):
+        xt = x[:, :, None] * t                                             # (S, M, J)
+        waves = xt.new_empty((2, *xt.shape))                               # (2, S, M, J): cos, sin
+        torch.cos(xt, out=waves[0])
+        torch.sin(xt, out=waves[1])
+        ctx.save_for_backward(waves, t)
+        return waves.sum(1)                                                # (2, M, J)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):                                               # grad (2, M, J)
+        waves, t = ctx.saved_tensors
+        # d/dx_sm sum_j (g_cos cos(t_j x_sm) + g_sin sin(t_j x_sm)) = sum_j t_j (g_sin cos - g_cos sin)
+        grad_x = torch.einsum("smj,mj->sm", waves[0], grad[1] * t)
+        return grad_x.sub_(torch.einsum("smj,mj->sm", waves[1], grad[0] * t)), None   # (S, M)
+
+
 def sigreg(z, num_slices=256, generator=None, directions=None):
     """SIGReg(z) = (1/M) sum_m  S * sum_j omega_j |phi_S,m(t_j) - exp(-t_j^2 / 2)|^2,
     phi_S,m(t) = (1/S) sum_s exp(i t <a_m, z_s>), with |phi_S - phi|^2 = (mean cos - phi)^2 + (mean sin)^2.
@@ -83,8 +111,7 @@ def sigreg(z, num_slices=256, generator=None, directions=None):
     t, omega = epps_pulley_grid(z.device)
     with torch.autocast(z.device.type, enabled=False):
         x = z @ directions.to(z)                                           # (S, M)
-        xt = x[:, :, None] * t                                             # (S, M, J)
-        sums = torch.stack([xt.cos().sum(0), xt.sin().sum(0)])             # (2, M, J)
+        sums = _WaveSums.apply(x, t)                                       # (2, M, J)
         count = torch.tensor(float(z.shape[0]), device=z.device)
         sums, count = _world_sum(sums), _world_sum(count)
         real, imag = sums[0] / count, sums[1] / count                      # (M, J) global ECF
