@@ -66,8 +66,8 @@ class _WaveSums(torch.autograd.Function):
     """sum_s cos(t_j x_sm) and sum_s sin(t_j x_sm), the unnormalised empirical characteristic function.
 
     Its backward reuses the forward's cosines and sines, since d cos(t x)/dx = -t sin(t x) and
-    d sin(t x)/dx = t cos(t x); autograd would evaluate each of them a second time. Those S * M * J
-    transcendentals (about 11 million per step on CIFAR-10's tokens) made up a third of a CPU step.
+    d sin(t x)/dx = t cos(t x); autograd would evaluate each of them a second time. These S * M * J
+    transcendentals (11 million per step for CIFAR-10's tokens) are most of SIGReg's cost.
 
     Shape: x (S, M), t (J,) -> (2, M, J).
     """
