@@ -865,6 +865,21 @@ def test_ema_is_updated_after_the_optimizer_step(tmp_path):
         torch.testing.assert_close(target, 0.9 * before[name] + 0.1 * after[name], atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ema, ema_end", [(0.99, 1.0), (0.99, 0.99), (0.0, 0.0)])
+def test_schedules_warm_up_then_follow_their_cosines_and_the_momentum_runs_linearly_to_ema_end(ema, ema_end):
+    cfg = train.resolve(train.Config(model="nano", batch_size=8, lr=2e-3, min_lr=1e-6, warmup=0.1,
+                                     weight_decay=0.04, weight_decay_end=0.4, ema=ema, ema_end=ema_end))
+    total = 200
+    rows = [train.schedules(cfg, step, total) for step in range(total + 1)]
+    lr, weight_decay, momentum = (np.array(column) for column in zip(*rows))
+    assert lr[0] == pytest.approx(2e-3 / 20) and lr[19] == pytest.approx(2e-3)      # 20 warmup steps
+    assert lr[20] == pytest.approx(2e-3) and lr[total] == pytest.approx(1e-6)
+    assert np.all(np.diff(lr[:20]) > 0) and np.all(np.diff(lr[20:]) < 0)
+    assert weight_decay[0] == pytest.approx(0.04) and weight_decay[total] == pytest.approx(0.4)
+    assert momentum[0] == pytest.approx(ema) and momentum[total] == pytest.approx(ema_end)
+    np.testing.assert_allclose(np.diff(momentum), (ema_end - ema) / total, atol=1e-12)   # linear (constant if equal)
+
+
 def test_clip_grad_bounds_the_gradient_the_optimizer_sees():
     cfg = train.resolve(train.Config(model="nano", depth=2, batch_size=8, num_slices=16, clip_grad=0.01))
     nets = train.build_models(cfg)
