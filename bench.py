@@ -133,9 +133,9 @@ def analytic_step_flops(encoder, predictor, step_masks, num_patches, packed):
     3x forward (backward computes input and weight gradients), on the real visible tokens and, per
     target block, real context + target tokens. Patch embedding: forward on all N patches in both
     encoders, as computed, plus its weight gradient (no input gradient) in the context encoder.
-    `executed` is what the kernels really compute: with `packed` tokens (eager mode, model.TokenLayout)
-    only attention and the predictor's input and output projections run on the padded lengths K
-    and T; padded (under torch.compile) everything does.
+    `executed` is what the kernels really compute: with `packed` tokens (model.packs_tokens) only
+    attention and the predictor's input and output projections run on the padded lengths K and T;
+    padded (compiled on a GPU) everything does.
 
     Args: step_masks = (context_idx, context_valid, target_idx, target_valid) of train.sample_step_masks.
     Returns floats per image: useful, executed, padding_share (of the Transformer FLOPs, patch embedding
@@ -191,7 +191,8 @@ def bench_step(cfg, steps):
     step_s, times, outs = time_steps(lambda step, step_masks: train.train_step(
         cfg, nets, optimizer, params, images, step_masks, step, grid, cfg.ema), all_masks, device)
     skipped = sum(out is None for out in outs)
-    flops = [analytic_step_flops(context_encoder, predictor, m, grid[0] * grid[1], not cfg.compile) for m in all_masks[warmup:]]
+    packed = model.packs_tokens(device, cfg.compile)
+    flops = [analytic_step_flops(context_encoder, predictor, m, grid[0] * grid[1], packed) for m in all_masks[warmup:]]
     mean = {key: statistics.mean(f[key] for f in flops) for key in flops[0]}
     img_s = cfg.batch_size / step_s
     return {"model": cfg.model, "img_size": cfg.img_size, "patch_size": cfg.patch_size, "batch_size": cfg.batch_size,

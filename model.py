@@ -14,16 +14,14 @@ Shape legend
 Padding: a sample keeps *all* its visible patches. Shorter samples are padded to the batch maximum,
 and each padded position is flagged invalid: no real token attends to it (attention mask), and the
 losses and pooled features skip it. A sample's outputs are thus the same alone or in any batch.
-In eager mode the real tokens are packed inside the Transformer (see TokenLayout), so padding
-costs FLOPs only in attention.
+Inside the Transformer the real tokens are packed (on the CPU always, on a GPU in eager mode; see
+TokenLayout and packs_tokens), so padding costs FLOPs only in attention.
 """
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # Encoder sizes: tiny/small/base are ViT-Ti/S/B (Touvron et al. 2021; Dosovitskiy et al. 2021).
 # Predictor: I-JEPA uses a narrow ViT of width 384 and depth 6-12 (Assran et al. 2023, Sec. 4);
@@ -60,15 +58,13 @@ class TokenLayout:
     Layer norms, linear layers and the MLP treat tokens one by one, so they run on the packed real
     tokens, (S, C) with S = sum of the valid flags, and spend nothing on padding; only attention,
     which mixes the tokens of one sample, needs them in padded (B, L, C) form, with padded keys
-    masked out (README, Performance, measures what this saves). Under torch.compile the layout
-    stays padded (`packed` False): the packed length S changes every step, which would compile a
-    new graph, and bucketed padded shapes keep the number of graphs small.
+    masked out (README, Performance, measures what this saves). See `packs_tokens` for when.
     """
 
     def __init__(self, valid):
         self.attn_mask = None if valid is None else valid[:, None, None, :]     # (B, 1, 1, L), True = real key
-        self.packed = valid is not None and not torch.compiler.is_compiling()
-        self.index = valid.flatten().nonzero().squeeze(1) if self.packed else None  # (S,)
+        self.packed = valid is not None and packs_tokens(valid.device, torch.compiler.is_compiling())
+        self.index = real_positions(valid) if self.packed else None             # (S,)
 
     def pack(self, x):
         """(B, L, C) -> (S, C) when packed, else unchanged."""
@@ -81,6 +77,33 @@ class TokenLayout:
         batch, length = self.attn_mask.shape[0], self.attn_mask.shape[-1]
         padded = x.new_zeros(batch * length, x.shape[-1])
         return padded.index_copy(0, self.index, x).view(batch, length, -1)
+
+
+def packs_tokens(device, compiled):
+    """Whether TokenLayout packs the real tokens. Packing needs their count S on the host, which
+    varies every step: free on the CPU, where a compiled graph then takes S as a dynamic size; a
+    sync on a GPU, tolerated in eager mode but not in a compiled graph, which keeps fixed padded
+    (bucketed) shapes there instead."""
+    return device.type == "cpu" or not compiled
+
+
+@torch.compiler.disable  # nonzero's output length depends on the data: computed outside any graph
+def real_positions(valid):
+    """Flat indices of the True entries of `valid`. Shape: (B, L) -> (S,)."""
+    return valid.flatten().nonzero().squeeze(1)
+
+
+def explicit_attention(q, k, v, key_valid):
+    """softmax(Q K^T / sqrt(d) + mask) V (Vaswani et al. 2017), with mask = -inf at padded keys.
+
+    Under bf16 autocast the scores are rounded to bf16 before the softmax, as in any attention
+    written with matmuls (nanoGPT's non-flash path); fused kernels keep them in fp32.
+    Shape: q, k, v (B, heads, L, d); key_valid (B, 1, 1, L) or None -> (B, heads, L, d).
+    """
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                  # (B, heads, L, L)
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid, float("-inf"))
+    return scores.softmax(-1) @ v
 
 
 class Attention(nn.Module):
@@ -97,12 +120,13 @@ class Attention(nn.Module):
         qkv = layout.unpack(self.qkv(x))                                        # (B, L, 3 dim)
         b, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        # each (B, heads, L, dim/heads). Fused kernels on GPU; no probabilities stored.
-        # On CPU in bf16, torch 2.13's fused kernel was 2-4x slower than the plain math path, forward +
-        # backward, at the CPU runs' lengths (L = 40-64, AVX-512 BF16; no gain left at L = 196), so
-        # there the math path is used; it keeps the (B, heads, L, L) probabilities for backward.
-        cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
-        with sdpa_kernel(SDPBackend.MATH) if cpu_bf16 else contextlib.nullcontext():
+        # each (B, heads, L, dim/heads). Fused kernels on GPU; no probabilities stored. On CPU in bf16,
+        # torch 2.13's fused kernel was 2-4x slower than its math path at these lengths (L = 40-64),
+        # and the math path 19% slower in a whole training step than attention written out
+        # (README, Performance), so there it is written out.
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            x = explicit_attention(q, k, v, layout.attn_mask)
+        else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask)
         return self.proj(layout.pack(x.transpose(1, 2).reshape(b, length, dim)))   # (S, dim) or (B, L, dim)
 

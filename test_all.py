@@ -186,6 +186,57 @@ def test_padding_never_changes_a_sample():
         torch.testing.assert_close(alone_pred[0], predicted[i, :t], atol=1e-6, rtol=1e-5)
 
 
+def test_explicit_attention_is_sdpa_and_ignores_padded_keys():
+    """model.explicit_attention, the CPU bf16 path, is softmax(Q K^T / sqrt(d)) V with padded keys
+    masked: equal to torch's SDPA in fp32, blind to what padded keys and values hold, and, inside
+    Attention under bf16 autocast, within bf16 error of the fp32 module."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 16, generator=g) for _ in range(3))
+    key_valid = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    key_valid[0, ..., 5:] = False
+    out = model.explicit_attention(q, k, v, key_valid)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid))
+    torch.testing.assert_close(model.explicit_attention(q, k, v, None), F.scaled_dot_product_attention(q, k, v))
+    k_other, v_other = k.clone(), v.clone()
+    k_other[0, :, 5:], v_other[0, :, 5:] = 100.0, -7.0
+    torch.testing.assert_close(model.explicit_attention(q, k_other, v_other, key_valid), out)
+    attention = model.Attention(48, 3)
+    x, layout = torch.randn(2, 7, 48, generator=g), model.TokenLayout(None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attention(x, layout)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), attention(x, layout), atol=2e-2, rtol=2e-2)
+
+
+def test_compiled_encoder_packs_tokens_on_cpu_and_matches_eager(monkeypatch):
+    """On the CPU a compiled encoder packs the real tokens too (model.packs_tokens), with the packed
+    length as a dynamic size: outputs equal eager ones, zero at padding, for two different lengths."""
+    encoder, _ = tiny_models()
+    packed_lengths = []
+    original = model.real_positions
+
+    @torch.compiler.disable
+    def counting_real_positions(valid):
+        index = original(valid)
+        packed_lengths.append(len(index))
+        return index
+
+    monkeypatch.setattr(model, "real_positions", counting_real_positions)
+    compiled = torch.compile(encoder)
+    images = torch.randn(2, 3, 16, 16)
+    for lengths in ([5, 11], [9, 3]):
+        idx = torch.arange(16).repeat(2, 1)[:, :11]
+        valid = torch.arange(11)[None] < torch.tensor(lengths)[:, None]                   # (2, 11)
+        packed_lengths.clear()
+        out = compiled(images, idx, valid)
+        assert packed_lengths == [sum(lengths)]                                      # packed inside the graph
+        torch.testing.assert_close(out, encoder(images, idx, valid), atol=1e-5, rtol=1e-5)
+        assert (out[~valid] == 0).all()
+    assert model.packs_tokens(torch.device("cpu"), compiled=True)
+    assert not model.packs_tokens(torch.device("cuda"), compiled=True)
+
+
 def test_init_is_applied_once_and_never_redone():
     cfg = train.resolve(train.Config(model="tiny", depth=4))
     context_encoder, predictor, target_encoder = train.build_models(cfg)

@@ -218,7 +218,8 @@ def build_optimizer(cfg, context_encoder, predictor):
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
+                             fused=True)
 
 
 @torch.no_grad()
@@ -616,7 +617,7 @@ def train(cfg):
 
     previous_handlers = Stop.install()
     bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
-    bad_in_row, shapes_seen, clock, images_seen = 0, set(), time.perf_counter(), 0
+    bad_in_row, clock, images_seen = 0, time.perf_counter(), 0
     try:
         while step < total and not Stop.requested(device):
             # Batches, not steps, place us in the data: a skipped non-finite step still used one.
@@ -634,7 +635,6 @@ def train(cfg):
                     images = data.random_resized_crop_flip(images, cfg.img_size, generator=crops)
                 images = data.normalize(images)                                             # (B, 3, H, W)
                 step_masks = sample_step_masks(cfg, step, grid, rank, world, device)
-                shapes_seen.add((step_masks[0].shape[1], step_masks[2].shape[1]))
                 out = train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, momentum)
                 if out is None:
                     counters["skipped_steps"] += 1
@@ -677,9 +677,9 @@ def train(cfg):
         sys.exit(128 + Stop.signal_number)
     if rank == 0:
         plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
+        graphs = f"{torch._dynamo.utils.counters['stats']['unique_graphs']} compiled graphs; " if cfg.compile else ""
         print(f"done: {step} steps, {counters['skipped_steps']} skipped steps, {counters['skipped_images']} "
-              f"unreadable images skipped; {len(shapes_seen)} distinct padded (K, T) shapes "
-              f"(= graphs per module under --compile); checkpoint {ckpt_path}")
+              f"unreadable images skipped; {graphs}checkpoint {ckpt_path}")
     if dist.is_initialized():
         dist.barrier()  # rank 0 was still plotting: tear gloo/NCCL down on all ranks together
         dist.destroy_process_group()
