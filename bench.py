@@ -20,7 +20,8 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
            copied): THEIR training step (src/train.py: target encoder + layer_norm, context encoder on
            apply_masks, predictor, smooth L1, AdamW, EMA) on THEIR modules and MaskCollator, at our
            setting, eager, in each --precision (their bf16 path is autocast, without their CUDA
-           GradScaler, which bf16 does not need and which is off on CPU), timed like 2.; FLOPs per
+           GradScaler, which bf16 does not need and which is off on CPU), timed like 2., then again
+           in alternation with our eager step, one step of each in turn, for the ratio; FLOPs per
            image counted with torch.utils.flop_counter (forward + backward), MFU against the same peak,
            ours / official img/s, and the context patches each keeps per sample (their collator cuts
            every sample to the batch's smallest).
@@ -89,6 +90,19 @@ def time_steps(step_fn, all_masks, device):
         times.append(seconds)
         results.append(result)
     return statistics.median(times[WARMUP_STEPS:]), times, results
+
+
+def time_alternating(step_fns, masks_per_fn, device):
+    """Median step time of each step function, after WARMUP_STEPS each, timed one step of each in
+    turn, so that a neighbour's load slows them alike and their ratio holds on a shared machine."""
+    for step in range(WARMUP_STEPS):
+        for step_fn, all_masks in zip(step_fns, masks_per_fn):
+            step_fn(step, all_masks[step])
+    times = [[] for _ in step_fns]
+    for step in range(WARMUP_STEPS, len(masks_per_fn[0])):
+        for step_fn, all_masks, fn_times in zip(step_fns, masks_per_fn, times):
+            fn_times.append(timed(lambda: step_fn(step, all_masks[step]), device)[0])
+    return [statistics.median(fn_times) for fn_times in times]
 
 
 def median_time(fn, device, reps, warmup=1):
@@ -171,9 +185,10 @@ def analytic_step_flops(encoder, predictor, step_masks, num_patches, packed):
             "padding_share": 1 - (useful - 3 * patch_embed) / (executed - 3 * patch_embed), **split}
 
 
-def bench_step(cfg, steps):
-    """Time `steps` calls of train.train_step after warmup; FLOPs come from the masks of those steps."""
-    print(f"  measuring {label(vars(cfg))} ...", flush=True)
+def build_our_step(cfg, steps):
+    """train.train_step on `cfg`'s setting as train.py calls it, on fixed random images, and the real
+    masks of WARMUP_STEPS + `steps` steps. Returns (step function of (step, masks), the masks,
+    context encoder, predictor)."""
     device = torch.device(cfg.device)
     grid = (cfg.img_size // cfg.patch_size,) * 2
     torch._dynamo.reset()  # no compiled graphs carried over from the previous setting (inductor's disk cache stays)
@@ -184,12 +199,19 @@ def bench_step(cfg, steps):
     params = [p for m in (context_encoder, predictor) for p in m.parameters()]
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size,
                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
-    # A recompile after the warmup lands in compile_s, not in the median. Eager warms up alike.
-    warmup = WARMUP_STEPS
-    all_masks = [train.sample_step_masks(cfg, step, grid, 0, 1, device) for step in range(warmup + steps)]
+    all_masks = [train.sample_step_masks(cfg, step, grid, 0, 1, device) for step in range(WARMUP_STEPS + steps)]
     # The schedules only change lr, wd and momentum values, not the work: keep them constant.
-    step_s, times, outs = time_steps(lambda step, step_masks: train.train_step(
-        cfg, nets, optimizer, params, images, step_masks, step, grid, cfg.ema), all_masks, device)
+    return (lambda step, step_masks: train.train_step(cfg, nets, optimizer, params, images, step_masks, step, grid,
+                                                      cfg.ema)), all_masks, context_encoder, predictor
+
+
+def bench_step(cfg, steps):
+    """Time `steps` calls of train.train_step after warmup; FLOPs come from the masks of those steps."""
+    print(f"  measuring {label(vars(cfg))} ...", flush=True)
+    device, grid, warmup = torch.device(cfg.device), (cfg.img_size // cfg.patch_size,) * 2, WARMUP_STEPS
+    step_fn, all_masks, context_encoder, predictor = build_our_step(cfg, steps)
+    # A recompile after the warmup lands in compile_s, not in the median. Eager warms up alike.
+    step_s, times, outs = time_steps(step_fn, all_masks, device)
     skipped = sum(out is None for out in outs)
     packed = model.packs_tokens(device, cfg.compile)
     flops = [analytic_step_flops(context_encoder, predictor, m, grid[0] * grid[1], packed) for m in all_masks[warmup:]]
@@ -425,7 +447,8 @@ def counted_flops(ijepa, nets, images, step_masks, precision):
 def bench_official(ijepa, cfg, steps, peak, ours):
     """The official step on `cfg`'s setting (its precision, eager), timed as bench_step times ours: fixed random
     images, fresh masks per step from their collator (drawn before timing, so not in the step time),
-    median over `steps` after the same warmup. `ours` is bench_step's row for `cfg`."""
+    median over `steps` after the same warmup; first alone (for its peak memory), then alternating
+    step by step with ours, whose times there make the ratio. `ours` is bench_step's row for `cfg`."""
     print(f"  measuring the official I-JEPA step, {label(vars(cfg))} ...", flush=True)
     device, warmup = torch.device(cfg.device), WARMUP_STEPS
     sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in train.SIZES})
@@ -449,9 +472,14 @@ def bench_official(ijepa, cfg, steps, peak, ours):
         _, masks_enc, masks_pred = collator(batch)
         all_masks.append(([m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
     images = images.to(device)
-    step_s, _, _ = time_steps(lambda step, step_masks: official_step(
-        ijepa, nets, optimizer, schedulers, images, step_masks, cfg.precision), all_masks, device)
-    peak_mem = peak_memory_mb(device)
+    def official_fn(step, step_masks):
+        return official_step(ijepa, nets, optimizer, schedulers, images, step_masks, cfg.precision)
+
+    alone_s = time_steps(official_fn, all_masks, device)[0]
+    peak_mem = peak_memory_mb(device)                                     # of their step alone
+    # The times compared: ours and theirs again, alternating step by step.
+    ours_fn, ours_masks, _, _ = build_our_step(cfg, steps)
+    ours_s, step_s = time_alternating([ours_fn, official_fn], [ours_masks, all_masks], device)
     # The count depends only on the (K, T) of a batch: one counted pass per distinct pair.
     shapes = [(enc[0].shape[1], pred[0].shape[1]) for enc, pred in all_masks[warmup:]]
     one_batch_per_shape = dict(zip(shapes, all_masks[warmup:]))
@@ -466,8 +494,10 @@ def bench_official(ijepa, cfg, steps, peak, ours):
             "num_patches": (cfg.img_size // cfg.patch_size) ** 2,
             "context_patches": statistics.mean(enc[0].shape[1] for enc, _ in all_masks[warmup:]),
             "target_patches": statistics.mean(pred[0].shape[1] for _, pred in all_masks[warmup:]),
-            "ours_img_s": ours["img_s"], "ours_useful_flop_per_img": ours["useful_flop_per_img"],
-            "ours_context_patches": ours["context_patches"], "ours_over_official_img_s": ours["img_s"] / img_s}
+            "alone_step_s": alone_s, "ours_step_s": ours_s, "ours_img_s": cfg.batch_size / ours_s,
+            "ours_mfu": ours["useful_flop_per_img"] * cfg.batch_size / ours_s / peak,
+            "ours_useful_flop_per_img": ours["useful_flop_per_img"], "ours_context_patches": ours["context_patches"],
+            "ours_over_official_img_s": step_s / ours_s}
 
 
 # ----------------------------------------------------------------------------- output
@@ -542,13 +572,15 @@ def print_data(result, step):
 
 def print_official(official, ours):
     n, rows = official["num_patches"], []
-    for name, row, flop, counted in (("ours (train.train_step)", ours, ours["useful_flop_per_img"], "analytic"),
+    ours_here = {**ours, "step_s": official["ours_step_s"], "img_s": official["ours_img_s"], "mfu": official["ours_mfu"]}
+    for name, row, flop, counted in (("ours (train.train_step)", ours_here, ours["useful_flop_per_img"], "analytic"),
                                      ("official (src/train.py)", official, official["flop_per_img"], "flop_counter")):
         rows.append([name, f"{row['step_s'] * 1e3:.0f} ms", f"{row['img_s']:.1f}", si(flop, "FLOP"), counted,
                      si(flop * row["img_s"], "FLOP/s"), f"{row['mfu']:.1%}", f"{row['context_patches']:.1f} of {n}",
                      "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f} MiB"])
     print_table(f"5. official I-JEPA step (same setting: {label(ours)}, batch {official['batch_size']}; their "
-                f"modules, predictor {official['pred_dim']} wide x {official['pred_depth']} deep as ours)",
+                f"modules, predictor {official['pred_dim']} wide x {official['pred_depth']} deep as ours; "
+                f"the two steps timed in alternation)",
                 ["step", "time", "img/s", "FLOP/img", "counted", "achieved", "MFU", "context kept", "peak mem"], rows)
     print(f"  ours / official img/s = {official['ours_over_official_img_s']:.2f}; FLOP/img ours / official = "
           f"{ours['useful_flop_per_img'] / official['flop_per_img']:.2f}. Ours: analytic on the real tokens "

@@ -122,8 +122,8 @@ class Attention(nn.Module):
         q, k, v = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         # each (B, heads, L, dim/heads). Fused kernels on GPU; no probabilities stored. On CPU in bf16,
         # torch 2.13's fused kernel was 2-4x slower than its math path at these lengths (L = 40-64),
-        # and the math path 19% slower in a whole training step than attention written out
-        # (README, Performance), so there it is written out.
+        # and its math path slower than attention written out, in a whole bf16 training step (README,
+        # Performance), so there attention is written out.
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
             x = explicit_attention(q, k, v, layout.attn_mask)
         else:
