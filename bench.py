@@ -4,8 +4,9 @@
     python bench.py --presets --batch-size 128     # also ViT-Ti/S/B-16 at 224 px (meant for a GPU)
 
 What is measured, all in one run, so that every ratio compares numbers taken side by side:
- 1. peak   a square GEMM per precision, before and after the steps (the faster counts) -> FLOP/s,
-           the denominator of every MFU below.
+ 1. peak   a square GEMM at each step's precision, timed in turn with that step's calls (one step, one
+           GEMM, ...) -> FLOP/s, the denominator of its MFU: a neighbour's load on a shared machine
+           then slows numerator and denominator alike.
  2. step   train.train_step (forward, backward, AdamW, EMA) exactly as train.py calls it, on fixed random
            images with the real masks of each step, per precision x {eager, torch.compile}. Step time is
            the median over the measured steps (robust to a recompile or a busy neighbour); compile time is
@@ -19,12 +20,12 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
  5. ijepa  only with --ijepa PATH (a checkout of facebookresearch/ijepa, imported at run time, never
            copied): THEIR training step (src/train.py: target encoder + layer_norm, context encoder on
            apply_masks, predictor, smooth L1, AdamW, EMA) on THEIR modules and MaskCollator, at our
-           setting, eager, in each --precision (their bf16 path is autocast, without their CUDA
-           GradScaler, which bf16 does not need and which is off on CPU), timed like 2., then again
-           in alternation with our eager step, one step of each in turn, for the ratio; FLOPs per
-           image counted with torch.utils.flop_counter (forward + backward), MFU against the same peak,
-           ours / official img/s, and the context patches each keeps per sample (their collator cuts
-           every sample to the batch's smallest).
+           setting, eager as their code runs, in each --precision (their bf16 path is autocast, without
+           their CUDA GradScaler, which bf16 does not need and which is off on CPU), timed like 2., then
+           again in turn with each of our steps (eager and compiled, as --compile selects) and the GEMM,
+           one call of each in turn, for the ratios; FLOPs per image counted with torch.utils.flop_counter
+           (forward + backward), MFU against that GEMM, ours / official img/s, and the context patches
+           each keeps per sample (their collator cuts every sample to the batch's smallest).
 
 How to read it: absolute times on a shared machine mean little, ratios from one run do. On CPU keep
 torch's threads <= free cores (OMP_NUM_THREADS): oversubscribed cores stall PyTorch ops several-fold.
@@ -33,6 +34,7 @@ Python and torch themselves. torch.compile times are smaller when inductor's on-
 """
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -78,31 +80,20 @@ def timed(fn, device):
 WARMUP_STEPS = 2  # compiled: step 1 compiles, step 2 usually recompiles for a dynamic size
 
 
-def time_steps(step_fn, all_masks, device):
-    """Call step_fn(step, masks) once per entry of all_masks, timing each call; peak memory counts
-    from the first step after WARMUP_STEPS. Returns (median seconds of the measured steps, all times,
-    the calls' results)."""
-    times, results = [], []
-    for step, step_masks in enumerate(all_masks):
-        if step == WARMUP_STEPS:
+def time_in_turn(fns, calls, device):
+    """Call fns[0](i), fns[1](i), ... for i in range(calls), one call of each in turn, timing every
+    call: a neighbour's load on a shared machine then slows them alike, and their ratios hold. Peak
+    memory counts from call WARMUP_STEPS on. Returns, per function, (median seconds of the calls
+    after WARMUP_STEPS, all times, all results)."""
+    times, results = [[] for _ in fns], [[] for _ in fns]
+    for i in range(calls):
+        if i == WARMUP_STEPS:
             reset_peak_memory(device)
-        seconds, result = timed(lambda: step_fn(step, step_masks), device)
-        times.append(seconds)
-        results.append(result)
-    return statistics.median(times[WARMUP_STEPS:]), times, results
-
-
-def time_alternating(step_fns, masks_per_fn, device):
-    """Median step time of each step function, after WARMUP_STEPS each, timed one step of each in
-    turn, so that a neighbour's load slows them alike and their ratio holds on a shared machine."""
-    for step in range(WARMUP_STEPS):
-        for step_fn, all_masks in zip(step_fns, masks_per_fn):
-            step_fn(step, all_masks[step])
-    times = [[] for _ in step_fns]
-    for step in range(WARMUP_STEPS, len(masks_per_fn[0])):
-        for step_fn, all_masks, fn_times in zip(step_fns, masks_per_fn, times):
-            fn_times.append(timed(lambda: step_fn(step, all_masks[step]), device)[0])
-    return [statistics.median(fn_times) for fn_times in times]
+        for fn, fn_times, fn_results in zip(fns, times, results):
+            seconds, value = timed(lambda: fn(i), device)
+            fn_times.append(seconds)
+            fn_results.append(value)
+    return [(statistics.median(t[WARMUP_STEPS:]), t, r) for t, r in zip(times, results)]
 
 
 def median_time(fn, device, reps, warmup=1):
@@ -131,11 +122,13 @@ def peak_memory_mb(device):
 
 # ----------------------------------------------------------------------------- 1. peak
 
-def peak_flops(device, precision):
-    """FLOP/s of a square matmul: 4096 on a GPU, 2048 on a CPU (a few seconds even on one busy core)."""
+def gemm(device, precision):
+    """The reference of every MFU: a square matmul at `precision`, 4096 on a GPU, 2048 on a CPU (a
+    few seconds even on one busy core), into a preallocated output. Returns (a function of the call
+    index, FLOPs per call, MiB of its three matrices, which a step timed in turn with it does not own)."""
     size = 4096 if device.type == "cuda" else 2048
-    a, b = (torch.randn(size, size, device=device, dtype=DTYPES[precision]) for _ in range(2))
-    return 2 * size ** 3 / median_time(lambda: a @ b, device, reps=10, warmup=2)
+    a, b, out = (torch.randn(size, size, device=device, dtype=DTYPES[precision]) for _ in range(3))
+    return (lambda i: torch.mm(a, b, out=out)), 2 * size ** 3, 3 * a.nbytes / 2 ** 20
 
 
 # ----------------------------------------------------------------------------- 2. training step
@@ -187,7 +180,7 @@ def analytic_step_flops(encoder, predictor, step_masks, num_patches, packed):
 
 def build_our_step(cfg, steps):
     """train.train_step on `cfg`'s setting as train.py calls it, on fixed random images, and the real
-    masks of WARMUP_STEPS + `steps` steps. Returns (step function of (step, masks), the masks,
+    masks of WARMUP_STEPS + `steps` steps. Returns (step function of the step index, the masks,
     context encoder, predictor)."""
     device = torch.device(cfg.device)
     grid = (cfg.img_size // cfg.patch_size,) * 2
@@ -201,18 +194,20 @@ def build_our_step(cfg, steps):
                          generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     all_masks = [train.sample_step_masks(cfg, step, grid, 0, 1, device) for step in range(WARMUP_STEPS + steps)]
     # The schedules only change lr, wd and momentum values, not the work: keep them constant.
-    return (lambda step, step_masks: train.train_step(cfg, nets, optimizer, params, images, step_masks, step, grid,
-                                                      cfg.ema)), all_masks, context_encoder, predictor
+    return (lambda step: train.train_step(cfg, nets, optimizer, params, images, all_masks[step], step, grid,
+                                          cfg.ema)), all_masks, context_encoder, predictor
 
 
 def bench_step(cfg, steps):
-    """Time `steps` calls of train.train_step after warmup; FLOPs come from the masks of those steps."""
+    """Time `steps` calls of train.train_step after warmup, in turn with the GEMM of its precision;
+    FLOPs come from the masks of those steps, MFU = useful FLOP/s / that GEMM's FLOP/s."""
     print(f"  measuring {label(vars(cfg))} ...", flush=True)
     device, grid, warmup = torch.device(cfg.device), (cfg.img_size // cfg.patch_size,) * 2, WARMUP_STEPS
     step_fn, all_masks, context_encoder, predictor = build_our_step(cfg, steps)
+    gemm_fn, gemm_flop, gemm_mb = gemm(device, cfg.precision)
     # A recompile after the warmup lands in compile_s, not in the median. Eager warms up alike.
-    step_s, times, outs = time_steps(step_fn, all_masks, device)
-    skipped = sum(out is None for out in outs)
+    (step_s, times, outs), (gemm_s, _, _) = time_in_turn([step_fn, gemm_fn], len(all_masks), device)
+    skipped, peak_mem = sum(out is None for out in outs), peak_memory_mb(device)
     packed = model.packs_tokens(device, cfg.compile)
     flops = [analytic_step_flops(context_encoder, predictor, m, grid[0] * grid[1], packed) for m in all_masks[warmup:]]
     mean = {key: statistics.mean(f[key] for f in flops) for key in flops[0]}
@@ -222,7 +217,8 @@ def bench_step(cfg, steps):
             "compile_s": sum(times) - len(times) * step_s if cfg.compile else None,
             "useful_flop_per_img": mean["useful"], "executed_flop_per_img": mean["executed"],
             "padding_share": mean["padding_share"], "achieved_flop_s": mean["useful"] * img_s,
-            "peak_mem_mb": peak_memory_mb(device),
+            "gemm_flop_s": gemm_flop / gemm_s, "mfu": mean["useful"] * img_s * gemm_s / gemm_flop,
+            "peak_mem_mb": None if peak_mem is None else peak_mem - gemm_mb,
             "flop_split": {key: mean[key] / mean["useful"] for key in ("target", "context", "predictor")},
             "padded_shapes": len({(m[0].shape[1], m[2].shape[1]) for m in all_masks}), "skipped_steps": skipped,
             "context_patches": statistics.mean(float(m[1].sum(1).double().mean()) for m in all_masks[warmup:])}
@@ -444,11 +440,13 @@ def counted_flops(ijepa, nets, images, step_masks, precision):
     return counter.get_total_flops() / len(images)
 
 
-def bench_official(ijepa, cfg, steps, peak, ours):
-    """The official step on `cfg`'s setting (its precision, eager), timed as bench_step times ours: fixed random
-    images, fresh masks per step from their collator (drawn before timing, so not in the step time),
-    median over `steps` after the same warmup; first alone (for its peak memory), then alternating
-    step by step with ours, whose times there make the ratio. `ours` is bench_step's row for `cfg`."""
+def bench_official(ijepa, cfgs, steps, ours_rows):
+    """The official step (eager, as their code runs) on the setting of `cfgs`, our configs of one
+    precision (eager and/or compiled), whose bench_step rows are `ours_rows`. Timed as bench_step
+    times ours: fixed random images, fresh masks per step from their collator (drawn before timing,
+    so not in the step time), median over `steps` after the same warmup; first alone (for its peak
+    memory), then in turn with each of our steps and the GEMM, whose times there make the ratios."""
+    cfg = dataclasses.replace(cfgs[0], compile=False)
     print(f"  measuring the official I-JEPA step, {label(vars(cfg))} ...", flush=True)
     device, warmup = torch.device(cfg.device), WARMUP_STEPS
     sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in train.SIZES})
@@ -472,32 +470,34 @@ def bench_official(ijepa, cfg, steps, peak, ours):
         _, masks_enc, masks_pred = collator(batch)
         all_masks.append(([m.to(device) for m in masks_enc], [m.to(device) for m in masks_pred]))
     images = images.to(device)
-    def official_fn(step, step_masks):
-        return official_step(ijepa, nets, optimizer, schedulers, images, step_masks, cfg.precision)
+    def official_fn(i):
+        return official_step(ijepa, nets, optimizer, schedulers, images, all_masks[i], cfg.precision)
 
-    alone_s = time_steps(official_fn, all_masks, device)[0]
+    (alone_s, _, _), = time_in_turn([official_fn], len(all_masks), device)
     peak_mem = peak_memory_mb(device)                                     # of their step alone
-    # The times compared: ours and theirs again, alternating step by step.
-    ours_fn, ours_masks, _, _ = build_our_step(cfg, steps)
-    ours_s, step_s = time_alternating([ours_fn, official_fn], [ours_masks, all_masks], device)
+    # The times compared: theirs, each of ours and the GEMM again, one call of each in turn.
+    ours_fns = [build_our_step(ours_cfg, steps)[0] for ours_cfg in cfgs]
+    gemm_fn, gemm_flop, _ = gemm(device, cfg.precision)
+    *ours_timed, (step_s, _, _), (gemm_s, _, _) = time_in_turn([*ours_fns, official_fn, gemm_fn], len(all_masks),
+                                                                device)
     # The count depends only on the (K, T) of a batch: one counted pass per distinct pair.
     shapes = [(enc[0].shape[1], pred[0].shape[1]) for enc, pred in all_masks[warmup:]]
     one_batch_per_shape = dict(zip(shapes, all_masks[warmup:]))
     by_shape = {shape: counted_flops(ijepa, nets, images, m, cfg.precision) for shape, m in one_batch_per_shape.items()}
     flop = statistics.mean(by_shape[shape] for shape in shapes)
-    img_s = cfg.batch_size / step_s
+    img_s, gemm_flop_s = cfg.batch_size / step_s, gemm_flop / gemm_s
+    ours = [{"compile": row["compile"], "step_s": ours_s, "img_s": cfg.batch_size / ours_s,
+             "mfu": row["useful_flop_per_img"] * cfg.batch_size / ours_s / gemm_flop_s,
+             "over_official_img_s": step_s / ours_s} for row, (ours_s, _, _) in zip(ours_rows, ours_timed)]
     return {"code": "facebookresearch/ijepa", "model": f"vit_{cfg.model}", "img_size": cfg.img_size,
             "patch_size": cfg.patch_size, "batch_size": cfg.batch_size, "precision": cfg.precision, "compile": False,
             "pred_dim": sizes["pred_dim"], "pred_depth": sizes["pred_depth"], "pred_heads": encoder.num_heads,
             "min_keep": collator.min_keep, "step_s": step_s, "img_s": img_s, "flop_per_img": flop,
-            "achieved_flop_s": flop * img_s, "mfu": flop * img_s / peak, "peak_mem_mb": peak_mem,
-            "num_patches": (cfg.img_size // cfg.patch_size) ** 2,
+            "achieved_flop_s": flop * img_s, "gemm_flop_s": gemm_flop_s, "mfu": flop * img_s / gemm_flop_s,
+            "peak_mem_mb": peak_mem, "num_patches": (cfg.img_size // cfg.patch_size) ** 2,
             "context_patches": statistics.mean(enc[0].shape[1] for enc, _ in all_masks[warmup:]),
             "target_patches": statistics.mean(pred[0].shape[1] for _, pred in all_masks[warmup:]),
-            "alone_step_s": alone_s, "ours_step_s": ours_s, "ours_img_s": cfg.batch_size / ours_s,
-            "ours_mfu": ours["useful_flop_per_img"] * cfg.batch_size / ours_s / peak,
-            "ours_useful_flop_per_img": ours["useful_flop_per_img"], "ours_context_patches": ours["context_patches"],
-            "ours_over_official_img_s": step_s / ours_s}
+            "alone_step_s": alone_s, "ours": ours}
 
 
 # ----------------------------------------------------------------------------- output
@@ -541,7 +541,7 @@ def print_steps(rows):
                   si(r["achieved_flop_s"], "FLOP/s"), f"{r['mfu']:.1%}",
                   "-" if r["compile_s"] is None else f"{r['compile_s']:.0f} s",
                   "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f} MiB"] for r in rows])
-    print("  MFU = useful FLOP/s / the GEMM peak of the same precision; tgt/ctx/pred = split of the useful FLOPs")
+    print("  MFU = useful FLOP/s / the GEMM timed in turn with the step (1.); tgt/ctx/pred = split of the useful FLOPs")
     if any(r["skipped_steps"] for r in rows):
         print("  warning: some steps were non-finite and skipped (no optimizer step): those times are low")
 
@@ -570,21 +570,26 @@ def print_data(result, step):
           "device augmentation take cores from the step itself")
 
 
-def print_official(official, ours):
-    n, rows = official["num_patches"], []
-    ours_here = {**ours, "step_s": official["ours_step_s"], "img_s": official["ours_img_s"], "mfu": official["ours_mfu"]}
-    for name, row, flop, counted in (("ours (train.train_step)", ours_here, ours["useful_flop_per_img"], "analytic"),
-                                     ("official (src/train.py)", official, official["flop_per_img"], "flop_counter")):
-        rows.append([name, f"{row['step_s'] * 1e3:.0f} ms", f"{row['img_s']:.1f}", si(flop, "FLOP"), counted,
-                     si(flop * row["img_s"], "FLOP/s"), f"{row['mfu']:.1%}", f"{row['context_patches']:.1f} of {n}",
-                     "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f} MiB"])
-    print_table(f"5. official I-JEPA step (same setting: {label(ours)}, batch {official['batch_size']}; their "
+def print_official(official, ours_rows):
+    """Section 5: the official step and each of ours (`ours_rows`, their bench_step rows), as timed in turn."""
+    n, ours0, rows = official["num_patches"], ours_rows[0], []
+    for row, timed_here in zip(ours_rows, official["ours"]):
+        rows.append([f"ours, {'compile' if row['compile'] else 'eager'}", row, timed_here, row["useful_flop_per_img"],
+                     "analytic", f"{timed_here['over_official_img_s']:.2f}x"])
+    rows.append(["official (src/train.py), eager", official, official, official["flop_per_img"], "flop_counter", "1x"])
+    print_table(f"5. official I-JEPA step (same setting: {label(official)[:-6]}, batch {official['batch_size']}; their "
                 f"modules, predictor {official['pred_dim']} wide x {official['pred_depth']} deep as ours; "
-                f"the two steps timed in alternation)",
-                ["step", "time", "img/s", "FLOP/img", "counted", "achieved", "MFU", "context kept", "peak mem"], rows)
-    print(f"  ours / official img/s = {official['ours_over_official_img_s']:.2f}; FLOP/img ours / official = "
-          f"{ours['useful_flop_per_img'] / official['flop_per_img']:.2f}. Ours: analytic on the real tokens "
-          f"(executed: {si(ours['executed_flop_per_img'], 'FLOP')}); official: torch.utils.flop_counter, fwd + bwd")
+                f"all steps and the GEMM timed in turn)",
+                ["step", "time", "img/s", "vs official", "FLOP/img", "counted", "achieved", "MFU", "context kept",
+                 "peak mem"],
+                [[name, f"{t['step_s'] * 1e3:.0f} ms", f"{t['img_s']:.1f}", ratio, si(flop, "FLOP"), counted,
+                  si(flop * t["img_s"], "FLOP/s"), f"{t['mfu']:.1%}", f"{row['context_patches']:.1f} of {n}",
+                  "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f} MiB"]
+                 for name, row, t, flop, counted, ratio in rows])
+    print(f"  FLOP/img ours / official = {ours0['useful_flop_per_img'] / official['flop_per_img']:.2f}. Ours: analytic "
+          f"on the real tokens (executed: {si(ours0['executed_flop_per_img'], 'FLOP')}); official: "
+          f"torch.utils.flop_counter, fwd + bwd. MFU against the GEMM timed in turn with these steps "
+          f"({si(official['gemm_flop_s'], 'FLOP/s')})")
     why = ("" if official["min_keep"] == IJEPA_MIN_KEEP[0]
            else f": their configs' {IJEPA_MIN_KEEP[0]} would loop forever here")
     print(f"  their collator (min_keep {official['min_keep']}{why}) cuts every sample's context to the batch's "
@@ -608,8 +613,8 @@ def parse_args():
     parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline (4.)")
     parser.add_argument("--ijepa", metavar="PATH",
                         help="also time the official I-JEPA step (5.), imported from a facebookresearch/ijepa "
-                             "checkout at PATH, on the --model/--img-size setting, eager, per --precision "
-                             "(not with --compile)")
+                             "checkout at PATH, on the --model/--img-size setting, eager, per --precision, in "
+                             "turn with our steps")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -630,9 +635,6 @@ def main():
         raise SystemExit(f"bench.py: error: {error}")
     ijepa = None
     if args.ijepa:  # checked before any measurement, so a wrong path fails at once
-        if args.compile:
-            raise SystemExit("bench.py: error: --ijepa compares eager steps (theirs has no torch.compile): "
-                             "drop --compile")
         ijepa = import_ijepa(args.ijepa)
         if not hasattr(ijepa.vit, f"vit_{args.model}"):
             raise SystemExit(f"bench.py: error: --ijepa: the official code has no vit_{args.model}; "
@@ -644,15 +646,10 @@ def main():
     print(f"device {result['device']}, {result['threads']} torch threads, load average {result['load_avg_1min']:.2f} "
           f"on {os.cpu_count()} cores, torch {torch.__version__}")
 
-    peak_before = {p: peak_flops(device, p) for p in precisions}
     result["steps"] = [bench_step(cfg, args.steps) for cfg in configs]
-    # On a shared machine a neighbour's load only ever slows a GEMM down, so the faster of the
-    # measurements before and after the steps is the peak (a busy start once gave an MFU of 99 %).
-    result["peak_flop_s"] = {p: max(peak_before[p], peak_flops(device, p)) for p in precisions}
-    print_table("1. peak: square GEMM, the faster of before and after the steps", ["precision", "FLOP/s"],
-                [[p, si(v, "FLOP/s")] for p, v in result["peak_flop_s"].items()])
-    for row in result["steps"]:
-        row["mfu"] = row["achieved_flop_s"] / result["peak_flop_s"][row["precision"]]
+    print_table("1. peak: square GEMM at the step's precision, timed in turn with its steps (median)",
+                ["model", "img/patch", "prec", "mode", "GEMM"],
+                [[*label(r).split(), si(r["gemm_flop_s"], "FLOP/s")] for r in result["steps"]])
     print_steps(result["steps"])
     main_rows = result["steps"][:len(precisions) * len(compiles)]  # the --model/--img-size setting
     fastest = min(main_rows, key=lambda r: r["step_s"])
@@ -664,13 +661,13 @@ def main():
         vit_s = [r for r in result["steps"] if (r["model"], r["img_size"], r["patch_size"]) == ("small", 224, 16)]
         print_data(result["data"], max(vit_s or main_rows, key=lambda r: r["img_s"]))
 
-    if ijepa is not None:
+    if ijepa is not None:  # per precision, the official step against each of our modes
         result["official_ijepa"] = []
-        for cfg, ours in zip(configs, main_rows):
-            if not cfg.compile:  # one comparison per precision, eager against eager
-                result["official_ijepa"].append(bench_official(ijepa, cfg, args.steps,
-                                                               result["peak_flop_s"][cfg.precision], ours))
-                print_official(result["official_ijepa"][-1], ours)
+        for precision in precisions:
+            ours = [(cfg, row) for cfg, row in zip(configs, main_rows) if cfg.precision == precision]
+            result["official_ijepa"].append(bench_official(ijepa, [cfg for cfg, _ in ours], args.steps,
+                                                           [row for _, row in ours]))
+            print_official(result["official_ijepa"][-1], [row for _, row in ours])
 
     line = json.dumps(rounded(result))
     print(line)
