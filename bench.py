@@ -473,7 +473,7 @@ def bench_official(ijepa, cfgs, steps, ours_rows):
     def official_fn(i):
         return official_step(ijepa, nets, optimizer, schedulers, images, all_masks[i], cfg.precision)
 
-    (alone_s, _, _), = time_in_turn([official_fn], len(all_masks), device)
+    alone_s = time_in_turn([official_fn], len(all_masks), device)[0][0]
     peak_mem = peak_memory_mb(device)                                     # of their step alone
     # The times compared: theirs, each of ours and the GEMM again, one call of each in turn.
     ours_fns = [build_our_step(ours_cfg, steps)[0] for ours_cfg in cfgs]
@@ -577,7 +577,8 @@ def print_official(official, ours_rows):
         rows.append([f"ours, {'compile' if row['compile'] else 'eager'}", row, timed_here, row["useful_flop_per_img"],
                      "analytic", f"{timed_here['over_official_img_s']:.2f}x"])
     rows.append(["official (src/train.py), eager", official, official, official["flop_per_img"], "flop_counter", "1x"])
-    print_table(f"5. official I-JEPA step (same setting: {label(official)[:-6]}, batch {official['batch_size']}; their "
+    setting = f"{official['model']} {official['img_size']}/{official['patch_size']} {official['precision']}"
+    print_table(f"5. official I-JEPA step (same setting: {setting}, batch {official['batch_size']}; their "
                 f"modules, predictor {official['pred_dim']} wide x {official['pred_depth']} deep as ours; "
                 f"all steps and the GEMM timed in turn)",
                 ["step", "time", "img/s", "vs official", "FLOP/img", "counted", "achieved", "MFU", "context kept",
@@ -664,10 +665,9 @@ def main():
     if ijepa is not None:  # per precision, the official step against each of our modes
         result["official_ijepa"] = []
         for precision in precisions:
-            ours = [(cfg, row) for cfg, row in zip(configs, main_rows) if cfg.precision == precision]
-            result["official_ijepa"].append(bench_official(ijepa, [cfg for cfg, _ in ours], args.steps,
-                                                           [row for _, row in ours]))
-            print_official(result["official_ijepa"][-1], [row for _, row in ours])
+            cfgs, rows = zip(*[(cfg, row) for cfg, row in zip(configs, main_rows) if cfg.precision == precision])
+            result["official_ijepa"].append(bench_official(ijepa, cfgs, args.steps, rows))
+            print_official(result["official_ijepa"][-1], rows)
 
     line = json.dumps(rounded(result))
     print(line)
