@@ -304,6 +304,19 @@ def test_packed_tokens_spend_flops_on_padding_only_in_attention():
     assert counted["padding_share"] < 0.5 * dense["padding_share"]
 
 
+def test_bench_times_its_functions_in_turn():
+    """Every ratio bench.py reports (MFU, ours / official) rests on timing the functions one call of
+    each in turn, so that load on a shared host slows them alike; medians skip the warmup calls."""
+    import bench
+    calls = []
+    fns = [lambda i, name=name: calls.append((name, i)) or f"{name}{i}" for name in ("step", "gemm")]
+    timed = bench.time_in_turn(fns, bench.WARMUP_STEPS + 3, torch.device("cpu"))
+    assert calls == [(name, i) for i in range(bench.WARMUP_STEPS + 3) for name in ("step", "gemm")]
+    for (median_s, times, results), name in zip(timed, ("step", "gemm")):
+        assert results == [f"{name}{i}" for i in range(bench.WARMUP_STEPS + 3)] and len(times) == len(results)
+        assert median_s == sorted(times[bench.WARMUP_STEPS:])[1]
+
+
 # ============================================================================= losses.py
 
 def test_sigreg_is_about_1_for_gaussians_and_larger_otherwise():
