@@ -319,6 +319,12 @@ def sample_step_masks(cfg, step, grid, rank, world, device):
     return [t.to(device, non_blocking=True) for t in (context_idx, context_valid, target_idx, target_valid)]
 
 
+# Under --compile the loss is compiled too: inductor fuses SIGReg's S x M x J cosines, sines and their
+# sums, which eager mode writes out as a (2, S, M, J) tensor (README, Performance). torch.compile is
+# lazy: nothing is compiled before the first call.
+compiled_jepa_loss = torch.compile(losses.jepa_loss)
+
+
 def forward_loss(cfg, nets, images, step_masks, step, grid):
     """Steps 2-4 of the module docstring. Returns (loss, l2, sigreg, pooled target features)."""
     context_encoder, predictor, target_encoder = nets
@@ -338,8 +344,9 @@ def forward_loss(cfg, nets, images, step_masks, step, grid):
         embeddings = (context * context_valid[..., None]).sum(1) / context_valid.sum(1, keepdim=True)  # (B, D)
     if not all_ranks_true(torch.isfinite(embeddings).all()):
         return None
-    loss, l2, regularizer = losses.jepa_loss(predictions, targets, target_valid, embeddings, cfg.lam,
-                                             cfg.num_slices, step_generator(cfg, step, 1))
+    jepa_loss = compiled_jepa_loss if cfg.compile else losses.jepa_loss
+    loss, l2, regularizer = jepa_loss(predictions, targets, target_valid, embeddings, cfg.lam, cfg.num_slices,
+                                      step_generator(cfg, step, 1))
     return loss, l2, regularizer, target_features.float().mean(1)
 
 
