@@ -84,8 +84,9 @@ def sample_block_shapes(count, grid, scale, aspect, generator=None):
     n = grid[0] * grid[1]
     s = scale[0] + (scale[1] - scale[0]) * torch.rand(count, generator=generator)
     log_a = math.log(aspect[0]) + (math.log(aspect[1]) - math.log(aspect[0])) * torch.rand(count, generator=generator)
-    ideal_log_h = 0.5 * (torch.log(s * n) + log_a)                            # (count,)
-    ideal_log_w = 0.5 * (torch.log(s * n) - log_a)
+    log_area = torch.log(s * n)                                               # (count,)
+    ideal_log_h = 0.5 * (log_area + log_a)
+    ideal_log_w = 0.5 * (log_area - log_a)
     log_shapes = shapes.double().log()                                        # (S, 2)
     dist = (log_shapes[None, :, 0] - ideal_log_h[:, None]) ** 2 + (log_shapes[None, :, 1] - ideal_log_w[:, None]) ** 2
     return shapes[dist.argmin(1)]                                             # (count, 2)
@@ -102,10 +103,12 @@ def place_blocks(shapes, grid, generator=None):
     left = (torch.rand(len(shapes), generator=generator) * (w - bw + 1)).long()
     rows = torch.arange(h)
     cols = torch.arange(w)
-    in_rows = ((rows >= top[:, None]) & (rows < (top + bh)[:, None])).to(torch.uint8)   # (R, h)
-    in_cols = ((cols >= left[:, None]) & (cols < (left + bw)[:, None])).to(torch.uint8)  # (R, w)
-    # The outer product in uint8: about 2x faster on CPU than `&` of broadcast bool tensors.
-    return (in_rows[:, :, None] * in_cols[:, None, :]).flatten(1).bool()               # (R, N)
+    in_rows = (rows >= top[:, None]) & (rows < (top + bh)[:, None])                   # (R, h)
+    in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])                 # (R, w)
+    # The outer product as a uint8 product, read through views (a bool is one byte, 0 or 1): on CPU
+    # about 2x faster than `&` of broadcast bool tensors.
+    product = in_rows.view(torch.uint8)[:, :, None] * in_cols.view(torch.uint8)[:, None, :]   # (R, h, w)
+    return product.flatten(1).view(torch.bool)                                          # (R, N)
 
 
 # ----------------------------------------------------------------------------- the sampler
