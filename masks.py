@@ -107,8 +107,8 @@ def place_blocks(shapes, grid, generator=None):
     in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])                 # (R, w)
     # The outer product as a uint8 product, read through views (a bool is one byte, 0 or 1): on CPU
     # about 2x faster than `&` of broadcast bool tensors.
-    product = in_rows.view(torch.uint8)[:, :, None] * in_cols.view(torch.uint8)[:, None, :]   # (R, h, w)
-    return product.flatten(1).view(torch.bool)                                          # (R, N)
+    in_block = in_rows.view(torch.uint8)[:, :, None] * in_cols.view(torch.uint8)[:, None, :]  # (R, h, w)
+    return in_block.flatten(1).view(torch.bool)                                         # (R, N)
 
 
 # ----------------------------------------------------------------------------- the sampler
