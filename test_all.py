@@ -395,14 +395,17 @@ def test_sigreg_rejects_non_finite_input():
 def _sigreg_rank(rank, world, path, z_all, directions, queue):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
-    z = z_all.chunk(world)[rank].clone().requires_grad_(True)
-    value = losses.sigreg(z, directions=directions)
-    value.backward()
-    queue.put((rank, value.item(), z.grad.tolist()))  # plain lists outlive the process
+    # eager, then traced by torch.compile (aot_eager: dynamo and AOT autograd without inductor's
+    # compile time), which takes sigreg's plain branch and must carry the all-reduce through it too
+    for mode, sigreg in (("eager", losses.sigreg), ("compiled", torch.compile(losses.sigreg, backend="aot_eager"))):
+        z = z_all.chunk(world)[rank].clone().requires_grad_(True)
+        value = sigreg(z, directions=directions)
+        value.backward()
+        queue.put((rank, mode, value.item(), z.grad.tolist()))  # plain lists outlive the process
     dist.destroy_process_group()
 
 
-def test_sigreg_under_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+def test_sigreg_under_two_processes_equals_one_process_on_the_whole_batch_eager_and_compiled(tmp_path):
     import torch.multiprocessing as mp
     g = torch.Generator().manual_seed(0)
     z_all = torch.randn(64, 6, generator=g) * 1.5
@@ -415,10 +418,11 @@ def test_sigreg_under_two_processes_equals_one_process_on_the_whole_batch(tmp_pa
     procs = [ctx.Process(target=_sigreg_rank, args=(r, 2, tmp_path / "store", z_all, directions, queue)) for r in (0, 1)]
     for p in procs:
         p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
+    results = sorted(queue.get(timeout=120) for _ in range(2 * len(procs)))
     for p in procs:
         p.join(30)
-    for rank, value, grad in results:
+    assert [(rank, mode) for rank, mode, _, _ in results] == [(0, "compiled"), (0, "eager"), (1, "compiled"), (1, "eager")]
+    for rank, mode, value, grad in results:
         assert abs(value - single.item()) < 1e-4
         # DDP divides the summed gradients by the world size: that average must be the 1-process gradient
         torch.testing.assert_close(torch.tensor(grad) / 2, z.grad.chunk(2)[rank], rtol=1e-4, atol=1e-7)
