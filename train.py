@@ -321,7 +321,7 @@ def sample_step_masks(cfg, step, grid, rank, world, device):
 
 # Under --compile the loss is compiled too, so that SIGReg's S x M x J cosines and sines, their sums
 # and the L2 error run in inductor's fused kernels rather than one eager op each: the compiled bf16
-# step of the tiny preset ran 1.06-1.08x faster for it (README, Performance). torch.compile is lazy:
+# step of the tiny preset ran 1.11x faster for it (README, Performance). torch.compile is lazy:
 # nothing is compiled before the first call.
 compiled_jepa_loss = torch.compile(losses.jepa_loss)
 
