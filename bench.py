@@ -29,6 +29,8 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
 
 How to read it: absolute times on a shared machine mean little, ratios from one run do. On CPU keep
 torch's threads <= free cores (OMP_NUM_THREADS): oversubscribed cores stall PyTorch ops several-fold.
+A CPU without bf16 instructions (AVX-512 BF16 or AMX) runs bf16 matmuls hundreds of times slower than
+fp32 (train.slow_cpu_bf16 times it): there the default measures fp32 alone, and --precision bf16 is refused.
 On CPU, memory is the process's peak RSS (torch's allocator is invisible to tracemalloc); it includes
 Python and torch themselves. torch.compile times are smaller when inductor's on-disk cache is warm.
 """
@@ -608,7 +610,8 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=10, help="measured steps per setting, after warmup")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="only compiled (--compile) or only eager (--no-compile) steps; default: both")
-    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated, from fp32, bf16")
+    parser.add_argument("--precision", help="comma-separated, from fp32, bf16; default: both, or fp32 alone on a "
+                                            "CPU whose bf16 matmuls are slow (said in the output)")
     parser.add_argument("--presets", action="store_true", help="also tiny, small, base at 224/16 (meant for a GPU)")
     parser.add_argument("--json", help="also write the JSON result to this path")
     parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline (4.)")
@@ -625,7 +628,13 @@ def parse_args():
 def main():
     args = parse_args()
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    precisions = args.precision.split(",")
+    precisions = args.precision.split(",") if args.precision else ["fp32", "bf16"]
+    bf16_problem = device.type == "cpu" and "bf16" in precisions and train.slow_cpu_bf16()
+    if bf16_problem and args.precision:
+        raise SystemExit(f"bench.py: error: --precision bf16: {bf16_problem}, so a bf16 step would take minutes; "
+                         f"use --precision fp32")
+    if bf16_problem:
+        precisions.remove("bf16")
     compiles = [False, True] if args.compile is None else [args.compile]
     settings = [(args.model, args.img_size, args.patch_size)] + (PRESET_SETTINGS if args.presets else [])
     try:  # train.py's Config, which also checks the options; lr, EMA etc. from its synthetic-data defaults
@@ -646,6 +655,9 @@ def main():
               "threads": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0], "torch": torch.__version__}
     print(f"device {result['device']}, {result['threads']} torch threads, load average {result['load_avg_1min']:.2f} "
           f"on {os.cpu_count()} cores, torch {torch.__version__}")
+    if bf16_problem:
+        result["bf16_skipped"] = bf16_problem
+        print(f"bf16 skipped: {bf16_problem}")
 
     result["steps"] = [bench_step(cfg, args.steps) for cfg in configs]
     print_table("1. peak: square GEMM at the step's precision, timed in turn with its steps (median)",

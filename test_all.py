@@ -317,6 +317,49 @@ def test_bench_times_its_functions_in_turn():
         assert median_s == sorted(times[bench.WARMUP_STEPS:])[1]
 
 
+def test_slow_cpu_bf16_agrees_with_a_larger_matmul():
+    """train.slow_cpu_bf16 names a CPU whose bf16 matmuls are slow (no AVX-512 BF16 or AMX) and stays
+    silent on one with bf16 instructions: its verdict matches 256 x 256 products timed here (one thread,
+    as a neighbour's load distorts multi-threaded timings of short products)."""
+    def best_seconds(dtype):
+        a, times = torch.randn(256, 256).to(dtype), []
+        for _ in range(4):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        slowdown = best_seconds(torch.bfloat16) / best_seconds(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    problem = train.slow_cpu_bf16()
+    assert torch.get_num_threads() == threads
+    if slowdown > 20:
+        assert problem is not None and problem.startswith("bf16 matmuls run") and "slower than fp32" in problem
+    if slowdown < 2:
+        assert problem is None
+
+
+def test_bench_refuses_bf16_where_it_is_slow_and_skips_it_by_default(monkeypatch, capsys):
+    """On a CPU without fast bf16 a bf16 step takes minutes: an explicit --precision bf16 gets a
+    one-line error before anything is measured; the default measures fp32 alone and says why."""
+    import bench
+    monkeypatch.setattr(train, "slow_cpu_bf16", lambda: "bf16 matmuls run 400x slower than fp32 on this CPU")
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--precision", "fp32,bf16"])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert str(exit_info.value).startswith("bench.py: error: --precision bf16: bf16 matmuls run 400x slower")
+    assert str(exit_info.value).endswith("use --precision fp32") and "\n" not in str(exit_info.value)
+    measured = []
+    monkeypatch.setattr(bench, "bench_step", lambda cfg, steps: measured.append(cfg.precision) or 1 / 0)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu"])
+    with pytest.raises(ZeroDivisionError):                       # stop after the first measurement
+        bench.main()
+    assert measured == ["fp32"] and "bf16 skipped: bf16 matmuls run 400x slower" in capsys.readouterr().out
+
+
 # ============================================================================= losses.py
 
 def test_sigreg_is_about_1_for_gaussians_and_larger_otherwise():
@@ -1232,9 +1275,13 @@ def test_compiled_bf16_step_trains_on_cpu_and_matches_eager(tmp_path):
         assert first_compiled[key] == pytest.approx(first_eager[key], rel=3e-2), key
 
 
-def test_bf16_autocast_trains_on_cpu_and_the_checkpoint_feeds_eval_probe(tmp_path):
-    """The GPU code path (bf16 autocast) runs on this CPU; train -> checkpoint -> eval_probe round trip."""
+def test_bf16_autocast_trains_on_cpu_and_the_checkpoint_feeds_eval_probe(tmp_path, monkeypatch, capsys):
+    """The GPU code path (bf16 autocast) runs on this CPU; train -> checkpoint -> eval_probe round trip.
+    Where the CPU's bf16 matmuls are slow, training still runs, after a warning that says what to do."""
+    monkeypatch.setattr(train, "slow_cpu_bf16", lambda: "bf16 matmuls run 400x slower than fp32 on this CPU")
     ckpt = run_train(tmp_path / "run", "--steps", "3", "--precision", "bf16")
+    assert ("train.py: warning: bf16 matmuls run 400x slower than fp32 on this CPU: --precision fp32 will train "
+            "much faster") in capsys.readouterr().err
     assert ckpt["config"]["precision"] == "bf16"
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt["context_encoder"].values())
     result = eval_probe.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--limit", "200", "--k", "5"])

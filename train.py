@@ -496,6 +496,29 @@ class Stop:
         return previous
 
 
+def slow_cpu_bf16():
+    """None, or a sentence saying that this CPU runs bf16 matmuls more than 4x slower than fp32. A CPU
+    without bf16 instructions (AVX-512 BF16 or AMX) runs torch's bf16 matmul on a generic kernel: a
+    2048^2 product ran about 400x slower than in fp32 on an AVX2-only EPYC (README, Performance).
+    Timed on one thread, best of 4 products of 128 x 128 after a warmup: with every thread, a busy
+    neighbour stalls the short fp32 product more than the long bf16 one and hides the gap. 15-25 ms on
+    the AVX2 EPYC, under load too."""
+    def seconds(dtype):
+        a, times = torch.randn(128, 128).to(dtype), []
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ a
+            times.append(time.perf_counter() - start)
+        return min(times[1:])                                       # the first call was the warmup
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        slowdown = seconds(torch.bfloat16) / seconds(torch.float32)
+    finally:
+        torch.set_num_threads(threads)
+    return f"bf16 matmuls run {slowdown:.0f}x slower than fp32 on this CPU (no AVX-512 BF16 or AMX)" if slowdown > 4 else None
+
+
 def setup_distributed(cfg):
     """(rank, world). Under torchrun, one process per device; the global batch is split evenly."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -580,6 +603,8 @@ def train(cfg):
     device = torch.device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if cfg.device == "cuda" else None)
     if cfg.device == "cuda":
         torch.set_float32_matmul_precision("high")
+    if cfg.device == "cpu" and cfg.precision == "bf16" and rank == 0 and (problem := slow_cpu_bf16()):
+        print(f"train.py: warning: {problem}: --precision fp32 will train much faster", file=sys.stderr)
     ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
     checkpoint = open_run(cfg, rank)
     dataset = training_set(cfg, rank, world)
