@@ -636,6 +636,9 @@ def train(cfg):
         print(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, {total} steps; encoder "
               f"{model.count_params(context_encoder) / 1e6:.2f}M, predictor {model.count_params(predictor) / 1e6:.2f}M "
               f"params; device {device}, {world} process(es)")
+        if cfg.compile:  # cold, the tiny preset's first two steps took 190 s and 140 s on a 2-core CPU (README)
+            print("--compile: the first steps compile the graphs, minutes on a CPU; inductor's disk cache "
+                  "makes later runs start faster")
 
     def save():
         if rank == 0:
