@@ -319,11 +319,11 @@ def test_bench_times_its_functions_in_turn():
 
 def test_slow_cpu_bf16_agrees_with_a_larger_matmul():
     """train.slow_cpu_bf16 names a CPU whose bf16 matmuls are slow (no AVX-512 BF16 or AMX) and stays
-    silent on one with bf16 instructions: its verdict matches 256 x 256 products timed here by
+    silent on one with bf16 instructions: its verdict matches 512 x 512 products timed here by
     torch.utils.benchmark (one thread, as a neighbour's load distorts multi-threaded timings)."""
     from torch.utils.benchmark import Timer
     def median_seconds(dtype):
-        timer = Timer("a @ a", globals={"a": torch.randn(256, 256).to(dtype)}, num_threads=1)
+        timer = Timer("a @ a", globals={"a": torch.randn(512, 512).to(dtype)}, num_threads=1)
         return timer.blocked_autorange(min_run_time=0.05).median
     threads = torch.get_num_threads()
     slowdown = median_seconds(torch.bfloat16) / median_seconds(torch.float32)

@@ -500,12 +500,12 @@ def slow_cpu_bf16():
     """None, or a sentence saying that this CPU runs bf16 matmuls more than 4x slower than fp32. A CPU
     without bf16 instructions (AVX-512 BF16 or AMX) runs torch's bf16 matmul on a generic kernel: a
     2048^2 product ran about 400x slower than in fp32 on an AVX2-only EPYC (README, Performance).
-    Timed on one thread, best of 4 products of 128 x 128 after a warmup: with every thread, a busy
-    neighbour stalls the short fp32 product more than the long bf16 one and hides the gap. 15-25 ms on
-    the AVX2 EPYC, under load too."""
+    Timed on one thread, best of 3 products of 256 x 256 after a warmup (large enough that call overheads
+    do not decide): with every thread, a busy neighbour stalls the short fp32 product more than the long
+    bf16 one and hides the gap. About 0.1 s on the AVX2 EPYC."""
     def seconds(dtype):
-        a, times = torch.randn(128, 128).to(dtype), []
-        for _ in range(5):
+        a, times = torch.randn(256, 256).to(dtype), []
+        for _ in range(4):
             start = time.perf_counter()
             a @ a
             times.append(time.perf_counter() - start)
