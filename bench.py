@@ -29,8 +29,8 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
 
 How to read it: absolute times on a shared machine mean little, ratios from one run do. On CPU keep
 torch's threads <= free cores (OMP_NUM_THREADS): oversubscribed cores stall PyTorch ops several-fold.
-A CPU without bf16 instructions (AVX-512 BF16 or AMX) runs bf16 matmuls hundreds of times slower than
-fp32 (train.slow_cpu_bf16 times it): there the default measures fp32 alone, and --precision bf16 is refused.
+A CPU without AVX-512 runs torch's bf16 matmuls on a generic kernel, hundreds of times slower than fp32
+(train.slow_cpu_bf16 times it): there the default measures fp32 alone, and an explicit bf16 is refused.
 On CPU, memory is the process's peak RSS (torch's allocator is invisible to tracemalloc); it includes
 Python and torch themselves. torch.compile times are smaller when inductor's on-disk cache is warm.
 """
@@ -611,7 +611,8 @@ def parse_args():
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="only compiled (--compile) or only eager (--no-compile) steps; default: both")
     parser.add_argument("--precision", help="comma-separated, from fp32, bf16; default: both, or fp32 alone on a "
-                                            "CPU whose bf16 matmuls are slow (said in the output)")
+                                            "CPU whose bf16 matmuls are slow (said in the output), where an "
+                                            "explicit bf16 is refused")
     parser.add_argument("--presets", action="store_true", help="also tiny, small, base at 224/16 (meant for a GPU)")
     parser.add_argument("--json", help="also write the JSON result to this path")
     parser.add_argument("--skip-data", action="store_true", help="skip the data pipeline (4.)")
@@ -631,8 +632,8 @@ def main():
     precisions = args.precision.split(",") if args.precision else ["fp32", "bf16"]
     bf16_problem = device.type == "cpu" and "bf16" in precisions and train.slow_cpu_bf16()
     if bf16_problem and args.precision:
-        raise SystemExit(f"bench.py: error: --precision bf16: {bf16_problem}, so a bf16 step would take minutes; "
-                         f"use --precision fp32")
+        raise SystemExit(f"bench.py: error: --precision {args.precision}: {bf16_problem}, so a bf16 step would "
+                         f"take minutes; use --precision fp32 or leave it out")
     if bf16_problem:
         precisions.remove("bf16")
     compiles = [False, True] if args.compile is None else [args.compile]

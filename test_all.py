@@ -329,9 +329,9 @@ def test_slow_cpu_bf16_agrees_with_a_larger_matmul():
     slowdown = median_seconds(torch.bfloat16) / median_seconds(torch.float32)
     problem = train.slow_cpu_bf16()
     assert torch.get_num_threads() == threads
-    if slowdown > 20:
+    if slowdown > 20:                                             # AVX2 only: 30-60x
         assert problem is not None and problem.startswith("bf16 matmuls run") and "slower than fp32" in problem
-    if slowdown < 2:
+    if slowdown < 5:                                              # AVX-512: faster than fp32 or a few times slower
         assert problem is None
 
 
@@ -343,14 +343,20 @@ def test_bench_refuses_bf16_where_it_is_slow_and_skips_it_by_default(monkeypatch
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--precision", "fp32,bf16"])
     with pytest.raises(SystemExit) as exit_info:
         bench.main()
-    assert str(exit_info.value).startswith("bench.py: error: --precision bf16: bf16 matmuls run 400x slower")
-    assert str(exit_info.value).endswith("use --precision fp32") and "\n" not in str(exit_info.value)
+    assert str(exit_info.value).startswith("bench.py: error: --precision fp32,bf16: bf16 matmuls run 400x slower")
+    assert str(exit_info.value).endswith("use --precision fp32 or leave it out") and "\n" not in str(exit_info.value)
     measured = []
-    monkeypatch.setattr(bench, "bench_step", lambda cfg, steps: measured.append(cfg.precision) or 1 / 0)
+    class AllStepsMeasured(Exception):
+        pass
+    def first_table_row(*args):
+        raise AllStepsMeasured                                    # tables come after every step is measured
+    monkeypatch.setattr(bench, "bench_step", lambda cfg, steps: measured.append((cfg.precision, cfg.compile)) or {})
+    monkeypatch.setattr(bench, "label", first_table_row)
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu"])
-    with pytest.raises(ZeroDivisionError):                       # stop after the first measurement
+    with pytest.raises(AllStepsMeasured):
         bench.main()
-    assert measured == ["fp32"] and "bf16 skipped: bf16 matmuls run 400x slower" in capsys.readouterr().out
+    assert measured == [("fp32", False), ("fp32", True)]
+    assert "bf16 skipped: bf16 matmuls run 400x slower" in capsys.readouterr().out
 
 
 # ============================================================================= losses.py

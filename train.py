@@ -497,9 +497,10 @@ class Stop:
 
 
 def slow_cpu_bf16():
-    """None, or a sentence saying that this CPU runs bf16 matmuls more than 4x slower than fp32. A CPU
-    without bf16 instructions (AVX-512 BF16 or AMX) runs torch's bf16 matmul on a generic kernel: a
-    2048^2 product ran about 400x slower than in fp32 on an AVX2-only EPYC (README, Performance).
+    """None, or a sentence saying that this CPU runs bf16 matmuls more than 10x slower than fp32. torch's
+    fast bf16 matmul (oneDNN) needs AVX-512 (fastest with AVX-512 BF16 or AMX); without it a generic
+    kernel runs: a 2048^2 product ran about 400x slower than in fp32 on an AVX2-only EPYC (README,
+    Performance). AVX-512 without BF16 emulates bf16 at a few times fp32's cost, which still trains.
     Timed on one thread, best of 3 products of 256 x 256 after a warmup (large enough that call overheads
     do not decide): with every thread, a busy neighbour stalls the short fp32 product more than the long
     bf16 one and hides the gap. About 0.1 s on the AVX2 EPYC."""
@@ -516,7 +517,9 @@ def slow_cpu_bf16():
         slowdown = seconds(torch.bfloat16) / seconds(torch.float32)
     finally:
         torch.set_num_threads(threads)
-    return f"bf16 matmuls run {slowdown:.0f}x slower than fp32 on this CPU (no AVX-512 BF16 or AMX)" if slowdown > 4 else None
+    if slowdown <= 10:
+        return None
+    return f"bf16 matmuls run {slowdown:.0f}x slower than fp32 on this CPU (torch's fast bf16 kernels need AVX-512)"
 
 
 def setup_distributed(cfg):
@@ -636,7 +639,7 @@ def train(cfg):
         print(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, {total} steps; encoder "
               f"{model.count_params(context_encoder) / 1e6:.2f}M, predictor {model.count_params(predictor) / 1e6:.2f}M "
               f"params; device {device}, {world} process(es)")
-        if cfg.compile:  # cold, the tiny preset's first two steps took 190 s and 140 s on a 2-core CPU (README)
+        if cfg.compile and cfg.device == "cpu":  # cold, the tiny preset's first two steps took 190 s and 140 s (README)
             print("--compile: the first steps compile the graphs, minutes on a CPU; inductor's disk cache "
                   "makes later runs start faster")
 
