@@ -318,8 +318,8 @@ def test_bench_times_its_functions_in_turn():
 
 
 def test_slow_cpu_bf16_agrees_with_a_larger_matmul():
-    """train.slow_cpu_bf16 names a CPU whose bf16 matmuls are slow (no AVX-512 BF16 or AMX) and stays
-    silent on one with bf16 instructions: its verdict matches 512 x 512 products timed here by
+    """train.slow_cpu_bf16 names a CPU whose bf16 matmuls are slow (no AVX-512: a generic kernel) and
+    stays silent on one with AVX-512: its verdict matches 512 x 512 products timed here by
     torch.utils.benchmark (one thread, as a neighbour's load distorts multi-threaded timings)."""
     from torch.utils.benchmark import Timer
     def median_seconds(dtype):
