@@ -506,11 +506,25 @@ def build_cache(dataset: Dataset, path: str, size: int) -> np.memmap:
         if images.shape == (count, size, size, 3) and len(np.load(labels_path)) == count:
             return images
     temporary = f"{path}.{os.getpid()}.tmp"
-    images = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=(count, size, size, 3))
+    try:
+        _decode_into(dataset, size, temporary, labels_path)
+    except BaseException:  # Ctrl-C or an error: leave no half-written file of the size of the dataset
+        for leftover in (temporary, labels_path + ".tmp"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise
+    os.replace(temporary, path)
+    return np.load(path, mmap_mode="r")
+
+
+def _decode_into(dataset: Dataset, size: int, images_path: str, labels_path: str) -> None:
+    """build_cache's work: the images into the .npy at `images_path`, then the labels, written whole."""
+    count = len(dataset)
+    images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(count, size, size, 3))
     labels = np.empty(count, np.int64)
     loader = DataLoader(_CacheSource(dataset, size), batch_size=64, num_workers=min(8, os.cpu_count() or 1))
     start = 0
-    with tqdm(total=count, desc=f"decoding {count} images into {path}", unit="img") as progress:
+    with tqdm(total=count, desc=f"decoding {count} images into the uint8 cache", unit="img") as progress:
         for batch_images, batch_labels in loader:
             images[start:start + len(batch_images)] = batch_images.numpy()
             labels[start:start + len(batch_labels)] = batch_labels.numpy()
@@ -520,10 +534,8 @@ def build_cache(dataset: Dataset, path: str, size: int) -> np.memmap:
     del images
     with open(labels_path + ".tmp", "wb") as file:
         np.save(file, labels)
-    # The labels go first: the images file appearing last marks the cache as complete.
+    # The labels go first: the images file appearing last (build_cache's rename) marks the cache complete.
     os.replace(labels_path + ".tmp", labels_path)
-    os.replace(temporary, path)
-    return np.load(path, mmap_mode="r")
 
 
 class CachedDataset(Dataset):

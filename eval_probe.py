@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -185,10 +186,19 @@ def brief(message: str, limit: int = 200) -> str:
 def load_checkpoint(path: str) -> dict:
     """The checkpoint dict written by train.py, checked for the keys this script reads."""
     if not os.path.isfile(path):
-        raise EvalError(f"no checkpoint at {path} (train first, or pass --ckpt RUN/ckpt.pt)")
+        raise EvalError(f"no checkpoint at {path} (train first, or pass --ckpt RUN/ckpt.pt; --random-init "
+                        f"reads the architecture from one too)")
+    try:  # every zip entry of a torch checkpoint carries a CRC-32, which torch.load does not verify
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip() is not None
+    except (zipfile.BadZipFile, OSError):
+        raise EvalError(f"{path} is not a train.py checkpoint (not a zip archive)") from None
+    if damaged:
+        raise EvalError(f"{path} is damaged (a CRC check failed): evaluate another checkpoint (train.py keeps "
+                        f"the one before as ckpt_prev.pt)")
     try:
         # weights_only: a checkpoint is data, and unpickling arbitrary objects runs code.
-        # mmap: only the tensors this script touches (one encoder) are read from disk.
+        # mmap: tensors are paged in when used, so the optimizer state and the other networks stay on disk.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         reason = brief(str(error).split("WeightsUnpickler error:")[-1])
@@ -220,6 +230,9 @@ def build_frozen_encoder(checkpoint: dict, which: str, random_init: bool) -> nn.
         except RuntimeError as error:  # "Error(s) in loading state_dict for Encoder: <details>"
             raise EvalError(f"'{key}' does not match the {config['model']} architecture in the "
                             f"checkpoint's config: {brief(str(error).split(':', 1)[-1])}") from None
+        if not all(torch.isfinite(weight).all() for weight in encoder.state_dict().values()):
+            raise EvalError(f"the checkpoint's '{key}' weights hold NaN or Inf (the run diverged): "
+                            f"evaluate an earlier checkpoint")
     return encoder.requires_grad_(False)
 
 
@@ -275,6 +288,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def exit_usage(message: str) -> None:
+    """argparse's errors and ours alike: one line, exit code 2."""
+    print(f"eval_probe.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Linear probe and k-NN on frozen JEPA features.")
     parser.add_argument("--ckpt", default="runs/default/ckpt.pt", help="train.py checkpoint")
@@ -289,11 +308,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="at most this many images per split")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write features")
+    parser.error = exit_usage
     args = parser.parse_args(argv)
     for name in ("k", "batch_size", "limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.workers is not None and args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     return args
 
 
@@ -326,7 +348,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     result = {"encoder": args.encoder, "random_init": args.random_init,
               "step": 0 if args.random_init else checkpoint["step"], "ckpt": args.ckpt,
               "data": args.data, "num_classes": num_classes, "num_train": len(train_x),
-              "num_val": len(val_x), "feature_dim": train_x.shape[1], "k": args.k,
+              "num_val": len(val_x), "feature_dim": train_x.shape[1], "k": min(args.k, len(train_x)),
               "linear_top1": linear["top1"], "knn_top1": topk_accuracy(knn_scores, val_y, 1),
               "best_weight_decay": linear["best_weight_decay"],
               "heldout_top1_by_weight_decay": linear["heldout_top1"]}
@@ -351,8 +373,10 @@ def main(argv=None) -> dict:
     try:
         result = evaluate(args)
     except (EvalError, DataError) as error:
-        print(f"eval_probe.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        exit_usage(str(error))
+    except KeyboardInterrupt:
+        print("eval_probe.py: interrupted", file=sys.stderr)
+        sys.exit(130)
     print_table(result)
     if args.json:
         with open(args.json, "w") as file:

@@ -135,9 +135,10 @@ def prediction_loss(predictions, targets, valid):
     size W: DDP averages the W gradients, and the average of W * sum_local / |valid| is the global mean.
     Shape: predictions, targets (R, T, D); valid (R, T) bool -> scalar.
     """
-    squared = (predictions.float() - targets.float()).pow(2).mean(-1)       # (R, T)
+    # Selected, not multiplied by the mask: 0 * inf is NaN, and a padded slot may hold anything.
+    error = torch.where(valid[..., None], predictions.float() - targets.float(), 0.0)   # (R, T, D)
     count = _world_sum(valid.sum().float().detach()).clamp(min=1)
-    return _world_size() * (squared * valid).sum() / count
+    return _world_size() * error.pow(2).mean(-1).sum() / count
 
 
 def jepa_loss(predictions, targets, target_valid, embeddings, lam=0.05, num_slices=256, generator=None):

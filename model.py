@@ -208,7 +208,9 @@ class Encoder(nn.Module):
         return height // self.patch_size, width // self.patch_size
 
     def forward(self, images, keep_idx=None, keep_valid=None):
-        """Shape: images (B, C, H, W); keep_idx, keep_valid (B, K) or None (keep all N) -> (B, K, D)."""
+        """Shape: images (B, C, H, W); keep_idx, keep_valid (B, K) or None (keep all N) -> (B, K, D).
+        Padded positions hold 0 when the tokens are packed and arbitrary values otherwise: callers
+        read only the valid ones."""
         h, w = self.grid(*images.shape[-2:])
         x = self.patch_embed(images).flatten(2).transpose(1, 2)                 # (B, N, D)
         x = x + sincos_pos_embed(h, w, self.embed_dim, x.device).to(x.dtype)
@@ -218,7 +220,7 @@ class Encoder(nn.Module):
         x = layout.pack(x)                                                       # (S, D) or (B, K, D)
         for block in self.blocks:
             x = block(x, layout)
-        return layout.unpack(self.norm(x))                                       # (B, K, D), 0 at padding
+        return layout.unpack(self.norm(x))                                       # (B, K, D)
 
     def flops(self, num_tokens):
         """Forward FLOPs per image for `num_tokens` kept tokens (patch embedding on all N is

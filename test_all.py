@@ -158,8 +158,11 @@ def test_encoder_parameter_counts_match_vit_ti_s_b():
         assert abs(ours - reference) / reference < 0.01, (name, ours, reference)
 
 
-def test_padding_never_changes_a_sample():
-    """A sample's outputs are the same alone or in a batch with longer samples (no padding contamination)."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_padding_never_changes_a_sample(packed, monkeypatch):
+    """A sample's outputs are the same alone or in a batch with longer samples (no padding
+    contamination), with the real tokens packed (CPU) and kept padded (a compiled GPU step)."""
+    monkeypatch.setattr(model, "packs_tokens", lambda device, compiled: packed)
     encoder, predictor = tiny_models()
     encoder.eval()
     images = torch.randn(3, 3, 16, 16)                                   # 4x4 grid
@@ -474,10 +477,16 @@ def test_prediction_loss_ignores_padding_and_jepa_loss_mixes_with_one_lambda():
     predictions, targets = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
     valid = torch.rand(4, 5) > 0.4
     valid[0, 0] = True
-    poisoned = torch.where(valid[..., None], predictions, torch.full_like(predictions, 1e6))
+    # padded slots holding inf and NaN change neither the loss nor the real tokens' gradients
+    poisoned = torch.where(valid[..., None], predictions, torch.full_like(predictions, float("inf")))
+    poisoned[..., 0] = torch.where(valid, poisoned[..., 0], float("nan"))
+    poisoned.requires_grad_(True)
     l2 = losses.prediction_loss(poisoned, targets, valid)
     expected = ((predictions - targets) ** 2).mean(-1)[valid].mean()
     torch.testing.assert_close(l2, expected)
+    l2.backward()
+    grad = 2 * (predictions - targets) / (8 * valid.sum())
+    torch.testing.assert_close(poisoned.grad, torch.where(valid[..., None], grad, 0.0))
     embeddings = torch.randn(64, 8)
     loss, l2_part, reg = losses.jepa_loss(predictions, targets, valid, embeddings, lam=0.3,
                                           generator=torch.Generator().manual_seed(0))
@@ -778,6 +787,22 @@ def test_cache_round_trip(tmp_path):
     assert data.build_cache(dataset, path, 12).shape == cache.shape and os.path.getmtime(path) == modified
 
 
+def test_an_interrupted_cache_leaves_no_file_behind(tmp_path, monkeypatch):
+    """Ctrl-C while the cache is decoded: neither the half-written array (gigabytes for ImageNet) nor
+    anything that looks like a complete cache stays."""
+    dataset = data.build_dataset("synthetic", None, "train", 16, augment=False)
+    real_loader = data.DataLoader
+
+    def interrupted_after_one_batch(*args, **kwargs):
+        yield next(iter(real_loader(*args, **{**kwargs, "num_workers": 0})))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "DataLoader", interrupted_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        data.build_cache(dataset, str(tmp_path / "cache.npy"), 12)
+    assert os.listdir(tmp_path) == []
+
+
 # ============================================================================= eval_probe.py
 
 def test_topk_accuracy_counts_label_among_k_best():
@@ -887,6 +912,31 @@ def fake_checkpoint(path, **overrides):
     return checkpoint
 
 
+@pytest.mark.parametrize("fault", ["not a zip archive", "damaged", "NaN or Inf", "--workers"])
+def test_eval_probe_refuses_bad_checkpoints_and_arguments_in_one_line(fault, tmp_path, capsys):
+    path = tmp_path / "ckpt.pt"
+    argv = ["--ckpt", str(path), "--device", "cpu", "--workers", "0"]
+    if fault == "not a zip archive":
+        path.write_text("not a checkpoint")
+    elif fault == "damaged":
+        fake_checkpoint(path)
+        with open(path, "r+b") as f:                                   # flip bytes inside the tensor data
+            f.seek(os.path.getsize(path) // 2)
+            f.write(b"\xff" * 16)
+    elif fault == "NaN or Inf":                                        # a diverged run
+        diverged = model.build_encoder("nano", 32, 4).state_dict()
+        diverged["blocks.0.mlp.fc1.weight"][0, 0] = float("inf")
+        fake_checkpoint(path, target_encoder=diverged)
+    else:
+        fake_checkpoint(path)
+        argv[-1] = "-1"
+    with pytest.raises(SystemExit) as exit_info:
+        eval_probe.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("eval_probe.py: error: ") and fault in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_checkpoint_that_does_not_fit_its_config_exits_2(tmp_path, capsys):
     wide = model.build_encoder("nano", 32, 4, embed_dim=64, num_heads=4).state_dict()
     fake_checkpoint(tmp_path / "ckpt.pt", target_encoder=wide)
@@ -979,6 +1029,25 @@ def test_every_trainable_parameter_gets_a_gradient_and_is_optimized():
     assert all(p.grad is None and not p.requires_grad for p in nets[2].parameters())  # the target: EMA only
 
 
+def test_weight_decay_reaches_the_matrices_only_and_follows_its_schedule(tmp_path):
+    """I-JEPA's groups: decay on weight matrices and the patch convolution, none on biases, norms and
+    the mask token; the scheduled weight decay reaches the first group, the second stays at 0."""
+    cfg = train.resolve(train.Config(model="nano", depth=2))
+    context_encoder, predictor, _ = train.build_models(cfg)
+    decay, no_decay = (set(map(id, group["params"])) for group in
+                       train.build_optimizer(cfg, context_encoder, predictor).param_groups)
+    for prefix, module in (("encoder", context_encoder), ("predictor", predictor)):
+        for name, p in module.named_parameters():
+            matrix = name.endswith("weight") and ".norm" not in name and not name.startswith("norm")
+            assert (id(p) in decay, id(p) in no_decay) == (matrix, not matrix), f"{prefix}.{name}"
+    ckpt = run_train(tmp_path / "run", "--steps", "3", "--weight-decay", "0.1", "--weight-decay-end", "0.5")
+    cfg = train.resolve(train.Config(**{**ckpt["config"], "resume": None}))
+    last_step_decay = train.schedules(cfg, 2, 3)[1]                    # set before the third step of 3
+    groups = ckpt["optimizer"]["param_groups"]
+    assert 0.1 < last_step_decay < 0.5
+    assert groups[0]["weight_decay"] == pytest.approx(last_step_decay) and groups[1]["weight_decay"] == 0.0
+
+
 def test_ema_is_updated_after_the_optimizer_step(tmp_path):
     ckpt = run_train(tmp_path / "run", "--steps", "1", "--ema", "0.9", "--warmup", "0")
     cfg = train.resolve(train.Config(**{**ckpt["config"], "resume": None}))
@@ -1057,6 +1126,35 @@ def test_a_nan_batch_is_skipped_and_too_many_stop_the_run_with_a_checkpoint(tmp_
     assert "non-finite" in capsys.readouterr().err
     saved = torch.load(tmp_path / "many" / "ckpt.pt", weights_only=True)
     assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["context_encoder"].values())
+    # a stop signal during a run of skipped steps is honoured at once, not after --max-bad-steps of them
+
+    def stop_at_fourth_call(images):
+        if calls["n"] == 3:
+            train.Stop.signal_number = signal.SIGTERM
+        return poisoned(images, set(range(3, 100)))
+
+    calls["n"] = 0
+    monkeypatch.setattr(data, "normalize", stop_at_fourth_call)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(tmp_path / "stopped", "--steps", "20", "--max-bad-steps", "4")
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    saved = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)
+    assert saved["step"] == 2 and saved["counters"]["skipped_steps"] == 2
+
+
+def test_a_signal_during_the_last_step_lets_the_run_finish(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    normalize = data.normalize
+
+    def signal_at_the_third_batch(images):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            train.Stop.signal_number = signal.SIGINT
+        return normalize(images)
+
+    monkeypatch.setattr(data, "normalize", signal_at_the_third_batch)
+    assert run_train(tmp_path / "run", "--steps", "3")["step"] == 3          # no SystemExit
+    assert "done: 3 steps" in capsys.readouterr().out and (tmp_path / "run" / "curves.png").exists()
 
 
 @pytest.fixture(scope="module")
@@ -1073,7 +1171,8 @@ BAD_ARGUMENTS = [
     ["--workers", "-1"], ["--no-such-flag"],
     ["--data", "no_such_dataset"], ["--data", "imagenet100", "--data-dir", "/nonexistent"],
     ["--data", "cifar10", "--data-dir", "/nonexistent"], ["--batch-size", "100000"], ["--ema", "1.5"],
-    ["--embed-dim", "30", "--num-heads", "4"], ["--img-size", "32", "--patch-size", "16"],
+    ["--embed-dim", "30", "--num-heads", "4"], ["--img-size", "32", "--patch-size", "16"], ["--lr", "inf"],
+    ["--weight-decay", "inf"], ["--data-dir", "/nonexistent"],
 ]
 
 
@@ -1094,6 +1193,31 @@ def test_resume_into_another_architecture_and_overwriting_a_run_are_refused(nano
     err = capsys.readouterr().err
     assert "another architecture" in err and "already holds a checkpoint" in err
     assert torch.load(nano_checkpoint, weights_only=True)["step"] == 2  # nothing saved was lost
+
+
+def test_resume_and_out_mistakes_get_one_line_and_lose_nothing(nano_checkpoint, tmp_path, capsys):
+    """--resume of another run into a folder holding its own, of a file train.py did not write, or of
+    a run already past --steps; --out naming a file. A folder given to --resume means its ckpt.pt."""
+    other = tmp_path / "other"
+    run_train(other, "--steps", "1")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "a_file").write_text("keep me")
+    capsys.readouterr()
+    cases = [(["--out", str(other), "--resume", str(nano_checkpoint)], "already holds a checkpoint of its own"),
+             (["--out", str(tmp_path / "new"), "--resume", str(tmp_path / "foreign.pt")], "not a train.py checkpoint"),
+             (["--out", str(tmp_path / "new"), "--resume", str(nano_checkpoint), "--steps", "1"],
+              "but this run has only"),
+             (["--out", str(tmp_path / "a_file")], "is a file, not a folder")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(FAST + ["--steps", "3", *args])
+        err = capsys.readouterr().err.strip().splitlines()[-1]   # after any warning
+        assert exit_info.value.code == 2 and err.startswith("train.py: error:") and message in err, err
+    assert torch.load(other / "ckpt.pt", weights_only=True)["step"] == 1 and not (other / "ckpt_prev.pt").exists()
+    assert torch.load(nano_checkpoint, weights_only=True)["step"] == 2
+    assert (tmp_path / "a_file").read_text() == "keep me"
+    resumed = run_train(tmp_path / "from_folder", "--steps", "3", "--resume", str(nano_checkpoint.parent))
+    assert resumed["step"] == 3 and (tmp_path / "from_folder" / "curves.png").exists()   # one logged step: a dot
 
 
 def test_a_checkpoint_from_before_a_new_config_field_still_resumes(nano_checkpoint, tmp_path):
@@ -1246,6 +1370,20 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     state, used = train.load_checkpoint(path)
     assert state["step"] == 1 and used.endswith("ckpt_prev.pt")
     assert "damaged" in capsys.readouterr().err
+
+
+def test_resuming_past_a_damaged_checkpoint_keeps_the_good_one(tmp_path, capsys):
+    """The run resumes from ckpt_prev.pt and sets the damaged ckpt.pt aside, so that its next save
+    does not rotate the damaged file over the only good checkpoint."""
+    out = tmp_path / "run"
+    run_train(out, "--steps", "2", "--ckpt-every", "1")
+    with open(out / "ckpt.pt", "r+b") as f:
+        f.seek(os.path.getsize(out / "ckpt.pt") // 2)
+        f.write(b"\xff" * 16)
+    resumed = run_train(out, "--steps", "2", "--ckpt-every", "1", "--resume")
+    assert resumed["step"] == 2
+    assert train.load_checkpoint(str(out / "ckpt_prev.pt"))[0]["step"] == 1
+    assert (out / "ckpt_damaged.pt").exists() and "moved the damaged" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cache", [False, True])

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shlex
 import signal
 import subprocess
@@ -150,11 +151,14 @@ def resolve(cfg):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     checks = [
         (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
-        (cfg.lr > 0 and cfg.min_lr >= 0, f"--lr must be positive and --min-lr >= 0, got {cfg.lr}, {cfg.min_lr}"),
+        (0 < cfg.lr < math.inf and 0 <= cfg.min_lr < math.inf,
+         f"--lr must be positive and --min-lr >= 0, both finite, got {cfg.lr}, {cfg.min_lr}"),
         (0 <= cfg.lam <= 1, f"--lam must lie in [0, 1], got {cfg.lam}"),
         (0 <= cfg.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {cfg.warmup}"),
         (0 <= cfg.ema <= cfg.ema_end <= 1, f"need 0 <= --ema <= --ema-end <= 1, got {cfg.ema}, {cfg.ema_end}"),
-        (cfg.weight_decay >= 0 and cfg.weight_decay_end >= 0, "--weight-decay values must be >= 0"),
+        (0 <= cfg.weight_decay < math.inf and 0 <= cfg.weight_decay_end < math.inf,
+         "--weight-decay and --weight-decay-end must be finite and >= 0"),
+        (cfg.data_dir is None or cfg.data != "synthetic", "--data-dir is not used with --data synthetic: drop it"),
         (cfg.precision in ("bf16", "fp32"), f"--precision must be bf16 or fp32, got '{cfg.precision}'"),
         (cfg.sigreg_on in ("tokens", "pooled"), f"--sigreg-on must be tokens or pooled, got '{cfg.sigreg_on}'"),
         (cfg.device in ("cpu", "cuda", "mps"), f"--device must be auto, cpu, cuda or mps, got '{cfg.device}'"),
@@ -392,8 +396,16 @@ def git_commit():
         return "unknown"
 
 
+CHECKPOINT_KEYS = ("config", "step", "batches", "counters", "context_encoder", "predictor", "target_encoder",
+                   "optimizer", "rng")
+
+
 def previous_path(path):
     return os.path.splitext(path)[0] + "_prev.pt"
+
+
+def damaged_path(path):
+    return os.path.splitext(path)[0] + "_damaged.pt"
 
 
 def save_checkpoint(path, state):
@@ -406,22 +418,33 @@ def save_checkpoint(path, state):
     if os.path.exists(path):
         os.replace(path, previous_path(path))
     os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)  # the renames reach the disk too
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def load_checkpoint(path):
     """Load `path`, or `*_prev.pt` beside it when `path` is missing or damaged (every zip entry of a
     torch checkpoint carries a CRC-32, which torch.load itself does not verify)."""
+    damaged = []
     for candidate in (path, previous_path(path)):
-        if not os.path.exists(candidate):
+        if not os.path.isfile(candidate):
             continue
         try:
             with zipfile.ZipFile(candidate) as archive:
                 if archive.testzip() is None:
                     return torch.load(candidate, map_location="cpu", weights_only=True), candidate
-        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError):
+        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, pickle.UnpicklingError):
             pass
-        print(f"warning: checkpoint {candidate} is damaged; trying the previous one", file=sys.stderr)
-    raise UsageError(f"no usable checkpoint at {path}: start without --resume or point --resume at a checkpoint")
+        damaged.append(candidate)
+        fallback = "; trying the previous one" if candidate == path and os.path.isfile(previous_path(path)) else ""
+        print(f"warning: checkpoint {candidate} is damaged or not a checkpoint{fallback}", file=sys.stderr)
+    if damaged:
+        raise UsageError(f"no usable checkpoint at {path}: move {' and '.join(damaged)} away to start afresh, "
+                         f"or point --resume at another checkpoint")
+    raise UsageError(f"no checkpoint at {path}: start without --resume or point --resume at a checkpoint")
 
 
 def complete_rows(lines):
@@ -448,7 +471,7 @@ def plot_curves(metrics_path, png_path, keys=("loss", "l2", "sigreg", "effective
     from PIL import Image, ImageDraw
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    if len(rows) < 2:
+    if not rows:
         return
     width, height, margin = 360, 220, 40
     image = Image.new("RGB", (width * len(keys), height), "white")
@@ -462,7 +485,11 @@ def plot_curves(metrics_path, png_path, keys=("loss", "l2", "sigreg", "effective
         points = [(x0 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (width - 1.5 * margin),
                    height - margin - (v - low) / span * (height - 2 * margin)) for s, v in zip(steps, values)]
         draw.rectangle([x0, margin, x0 + width - 1.5 * margin, height - margin], outline=(180, 180, 180))
-        draw.line(points, fill=(40, 90, 200), width=2)
+        if len(points) > 1:
+            draw.line(points, fill=(40, 90, 200), width=2)
+        else:  # a run with one logged step: a dot
+            (x, y), = points
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(40, 90, 200))
         draw.text((x0, 10), f"{key}  ({values[-1]:.4g} at step {steps[-1]})", fill="black")
         draw.text((x0 - 35, margin - 6), f"{high:.3g}", fill="black")
         draw.text((x0 - 35, height - margin - 6), f"{low:.3g}", fill="black")
@@ -542,13 +569,26 @@ def open_run(cfg, rank):
     without --resume, and to resume into a different architecture; warns when the resumed run will
     not follow the stored one exactly."""
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise UsageError(f"--out {cfg.out} is a file, not a folder: pick another --out")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {cfg.out}: cannot create the folder ({error.strerror}): pick another --out") from None
+    holds_a_run = os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path))
     if cfg.resume is None:
-        if os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path)):
+        if holds_a_run:
             raise UsageError(f"{cfg.out} already holds a checkpoint: add --resume to continue it, or pick another --out")
         if rank == 0 and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
             os.remove(os.path.join(cfg.out, "metrics.jsonl"))  # a run killed before its first checkpoint
         return None
-    checkpoint, used = load_checkpoint(cfg.resume or ckpt_path)
+    asked = os.path.join(cfg.resume, "ckpt.pt") if os.path.isdir(cfg.resume) else cfg.resume or ckpt_path
+    if holds_a_run and os.path.dirname(os.path.abspath(asked)) != os.path.abspath(cfg.out):
+        raise UsageError(f"{cfg.out} already holds a checkpoint of its own: pick another --out to continue {asked}")
+    checkpoint, used = load_checkpoint(asked)
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise UsageError(f"--resume {used} is not a train.py checkpoint: it lacks {', '.join(missing)}")
     stored = checkpoint["config"]
     changed = [k for k in ARCHITECTURE if stored[k] != getattr(cfg, k)]
     if changed:
@@ -559,6 +599,10 @@ def open_run(cfg, rank):
     if changed and rank == 0:
         print(f"warning: resuming with changed settings ({', '.join(changed)}): the run will not continue "
               f"exactly as it started", file=sys.stderr)
+    if rank == 0 and used != asked and os.path.abspath(asked) == os.path.abspath(ckpt_path) and os.path.exists(asked):
+        # this run's ckpt.pt is damaged: set it aside, or the next save would rotate it over the good *_prev.pt
+        os.replace(ckpt_path, damaged_path(ckpt_path))
+        print(f"warning: moved the damaged {ckpt_path} to {damaged_path(ckpt_path)}", file=sys.stderr)
     return checkpoint
 
 
@@ -625,6 +669,9 @@ def train(cfg):
                              ("target_encoder", target_encoder), ("optimizer", optimizer)]:
             module.load_state_dict(checkpoint[name])
         step, batches, counters = checkpoint["step"], checkpoint["batches"], checkpoint["counters"]
+        if step > total:
+            raise UsageError(f"the checkpoint is at step {step}, but this run has only {total} steps: "
+                             f"raise --steps or --epochs")
         torch.set_rng_state(checkpoint["rng"])
         if rank == 0:
             trim_metrics(metrics_path, step)
@@ -632,7 +679,6 @@ def train(cfg):
     nets = [torch.compile(m) for m in nets] if cfg.compile else nets
     params = [p for m in (context_encoder, predictor) for p in m.parameters()]
     if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
         print("config:", json.dumps(asdict(cfg)))
@@ -683,24 +729,17 @@ def train(cfg):
                         raise FloatingPointError(
                             f"{bad_in_row} non-finite steps in a row at step {step}: lower --lr, try --precision "
                             f"fp32, or check the data; the last good state is in {ckpt_path}")
-                    continue
-                bad_in_row = 0
-                step += 1
-                bar.update(1)
-                images_seen += images.shape[0] * world
-                if step % cfg.log_every == 0 or step == total:
-                    row = log_row(step, epoch, out, (lr, weight_decay, momentum),
-                                  images_seen / (time.perf_counter() - clock), counters)
-                    clock, images_seen = time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
-                    if rank == 0:
-                        write_row(metrics_path, row)
-                        if row["feature_std"] < 1e-3 or row["effective_rank"] < 2:
-                            tqdm.write(f"warning: target features look collapsed at step {step} (std "
-                                       f"{row['feature_std']:.2e}, effective rank {row['effective_rank']:.2f}); "
-                                       f"raise --lam")
-                stop = Stop.requested(device)
-                if step % cfg.ckpt_every == 0 or step == total or stop:
+                else:
+                    bad_in_row = 0
+                    step += 1
+                    bar.update(1)
+                    images_seen += images.shape[0] * world
+                    if step % cfg.log_every == 0 or step == total:
+                        log(step, epoch, out, (lr, weight_decay, momentum), images_seen / (time.perf_counter() - clock),
+                            counters, bar, metrics_path if rank == 0 else None)
+                        clock, images_seen = time.perf_counter(), 0
+                stop = Stop.requested(device)  # also during a run of skipped steps
+                if stop or (out is not None and (step % cfg.ckpt_every == 0 or step == total)):
                     save()
                 if step == total or stop:
                     break
@@ -708,7 +747,7 @@ def train(cfg):
         bar.close()
         for number, handler in previous_handlers.items():
             signal.signal(number, handler)
-    if Stop.signal_number is not None:
+    if Stop.signal_number is not None and step < total:  # a signal during the last step stops nothing
         if rank == 0:
             print(f"stopped by signal {Stop.signal_number} at step {step}; checkpoint saved to {ckpt_path}. "
                   f"Resume with: python train.py {shlex.join(without_resume(sys.argv[1:]))} --resume",
@@ -735,6 +774,19 @@ def log_row(step, epoch, out, schedule, img_per_s, counters):
             "feature_std": std, "effective_rank": effective_rank, **counters}
 
 
+def log(step, epoch, out, schedule, img_per_s, counters, bar, metrics_path):
+    """Show the step's numbers on the progress bar; on rank 0 (metrics_path given) append them to
+    metrics.jsonl and warn when the target features look collapsed."""
+    row = log_row(step, epoch, out, schedule, img_per_s, counters)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+    if metrics_path is None:
+        return
+    write_row(metrics_path, row)
+    if row["feature_std"] < 1e-3 or row["effective_rank"] < 2:
+        tqdm.write(f"warning: target features look collapsed at step {step} (std {row['feature_std']:.2e}, "
+                   f"effective rank {row['effective_rank']:.2f}); raise --lam")
+
+
 def write_row(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -751,6 +803,9 @@ def main(argv=None):
     except FloatingPointError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # before the training loop or after it (inside it, Stop saves a checkpoint)
+        print("train.py: interrupted; checkpoints already written are kept", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":
