@@ -18,12 +18,14 @@ from the main process's seed: runs are reproducible after torch.manual_seed, and
 repeat each other's crops.
 
 An optional decoded cache (build_cache, CachedDataset, random_resized_crop_flip) decodes an image
-folder once into a uint8 memmap and augments whole batches on the device.
+folder once into a uint8 memmap and augments whole batches on the device. It stores the central
+square of each image, so on non-square photos the crops come from that square, not the whole image.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
 import pickle
@@ -360,6 +362,10 @@ def _image_folder(root: Path, split: str, img_size: int, augment: bool) -> Image
         split_images = train_images if split == "train" else _class_images(val_dir)
         classes = sorted(train_images)
         samples = [(path, label) for label, name in enumerate(classes) for path in split_images.get(name, [])]
+        unknown = sorted(set(split_images) - set(classes))
+        if unknown:
+            _warn_once(f"unknown:{root}", f"ignoring {split} class folder(s) that train/ does not have in {root}: "
+                                          f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
     else:
         images = _class_images(root)
         classes = sorted(images)
@@ -458,6 +464,20 @@ def build_dataset(data: str, data_dir: str | None, split: str, img_size: int, au
     if os.path.exists(data) or os.sep in data:
         return _image_folder(Path(data), split, img_size, augment)
     raise DataError(f"unknown --data {data!r}: use synthetic, cifar10, imagenet100 or a path to an image folder")
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """A short hash of what `dataset` holds, for the keys of caches derived from it: its kind, size
+    and classes, and every (file, label) of a folder, the labels of an in-memory array, or the seed
+    and split of the synthetic set. A folder that gains, loses or relabels a file changes it."""
+    parts = [type(dataset).__name__, len(dataset), getattr(dataset, "classes", None)]
+    if isinstance(dataset, ImageFolderDataset):
+        parts.append(dataset.samples)
+    elif isinstance(dataset, ArrayDataset):
+        parts.append(hashlib.sha1(np.ascontiguousarray(dataset.labels).tobytes()).hexdigest())
+    elif isinstance(dataset, SyntheticShapes):
+        parts.append((dataset.seed, dataset.split))
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:12]
 
 
 @functools.cache
@@ -559,28 +579,38 @@ class CachedDataset(Dataset):
         return image, int(self.labels[index]), 0
 
 
-def random_resized_crop_flip(images_uint8: torch.Tensor, out_size: int, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3),
+def crop_boxes(batch: int, scale, ratio, device, generator=None, tries: int = 10):
+    """RandomResizedCrop boxes for `batch` square images, as fractions of the side:
+    area ~ U(scale), log aspect ~ U(log ratio), width = sqrt(area * aspect), height = sqrt(area / aspect),
+    redrawn (up to `tries` draws, all made at once) until both sides fit, else the whole image.
+    Returns width, height and the centre x, y, each (B,), in affine_grid's coordinates (image = [-1, 1]).
+    """
+    def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(batch, *shape, device=device, generator=generator)
+
+    area = uniform(*scale, tries)                                                     # (B, tries)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1]), tries))
+    width, height = (area * aspect).sqrt(), (area / aspect).sqrt()
+    fits = (width <= 1) & (height <= 1)
+    first = fits.int().argmax(1, keepdim=True)                                        # (B, 1): first box that fits
+    found = fits.any(1)
+    width = torch.where(found, width.gather(1, first).squeeze(1), 1.0)               # (B,)
+    height = torch.where(found, height.gather(1, first).squeeze(1), 1.0)
+    return width, height, uniform(-1, 1) * (1 - width), uniform(-1, 1) * (1 - height)
+
+
+def random_resized_crop_flip(images_uint8: torch.Tensor, out_size: int, scale=AUGMENT_SCALE, ratio=AUGMENT_RATIO,
                              generator: torch.Generator | None = None) -> torch.Tensor:
     """Batched RandomResizedCrop + horizontal flip (p=0.5) of square images, on their device.
 
     (B, 3, S, S) uint8 -> (B, 3, out_size, out_size) float32 in 0..255 (normalize() accepts it).
-    Box area and aspect ratio are drawn as in RandomResizedCrop, but a box side longer than the
-    image is clamped instead of redrawn. Sampling is bilinear without antialiasing, which is fine
-    when out_size is not much smaller than S. `generator`, if given, must be on the same device.
+    Boxes are drawn as in RandomResizedCrop and `_random_crop_box` (see `crop_boxes`). Sampling is
+    bilinear without antialiasing, which is fine when out_size is not much smaller than S.
+    `generator`, if given, must be on the same device.
     """
     batch, device = images_uint8.shape[0], images_uint8.device
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(batch, device=device, generator=generator)
-
-    area = uniform(*scale)
-    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
-    # Box sides and centres in affine_grid's coordinates, where the image spans [-1, 1].
-    width = (area * aspect).sqrt().clamp(max=1)
-    height = (area / aspect).sqrt().clamp(max=1)
-    centre_x = uniform(-1, 1) * (1 - width)
-    centre_y = uniform(-1, 1) * (1 - height)
-    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0)
+    width, height, centre_x, centre_y = crop_boxes(batch, scale, ratio, device, generator)
+    flip = torch.where(torch.rand(batch, device=device, generator=generator) < 0.5, -1.0, 1.0)
     theta = torch.zeros(batch, 2, 3, device=device)
     theta[:, 0, 0], theta[:, 0, 2] = width * flip, centre_x
     theta[:, 1, 1], theta[:, 1, 2] = height, centre_y

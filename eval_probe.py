@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, build_dataset, normalize
+from data import DataError, build_dataset, fingerprint, normalize
 from model import build_encoder
 
 WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
@@ -238,10 +238,8 @@ def build_frozen_encoder(checkpoint: dict, which: str, random_init: bool) -> nn.
 
 # ----------------------------------------------------------------------------- feature cache
 
-def features_of_split(encoder, args, config, split, device) -> dict:
-    """Features of one split, unaugmented, at the training resolution."""
-    dataset = build_dataset(args.data, args.data_dir, split, config["img_size"], augment=False,
-                            seed=config.get("seed", 0))
+def features_of_split(encoder, dataset, args, device) -> dict:
+    """Features of one split (a dataset from build_dataset, unaugmented, at the training resolution)."""
     num_classes = dataset.num_classes
     if args.limit is not None and args.limit < len(dataset):
         # A random subset: the first N items of a class-sorted dataset would be one class.
@@ -314,6 +312,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.limit is not None and args.limit < 2:
+        parser.error(f"--limit must be at least 2 (standardising features needs two images), got {args.limit}")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     return args
@@ -336,9 +336,11 @@ def evaluate(args: argparse.Namespace) -> dict:
            "data_dir": args.data_dir, "img_size": config["img_size"], "limit": args.limit}
     features = {}
     for split in ("train", "val"):
+        dataset = build_dataset(args.data, args.data_dir, split, config["img_size"], augment=False,
+                                seed=config.get("seed", 0))
         path = os.path.join(os.path.dirname(args.ckpt), f"features_{tag}_{split}.pt")
-        features[split] = cached(None if args.no_cache else path, key,
-                                 lambda: features_of_split(encoder, args, config, split, device))
+        features[split] = cached(None if args.no_cache else path, {**key, "dataset": fingerprint(dataset)},
+                                 lambda: features_of_split(encoder, dataset, args, device))
     train_x, train_y = features["train"]["features"], features["train"]["labels"]
     val_x, val_y = features["val"]["features"], features["val"]["labels"]
     num_classes = features["train"]["num_classes"]

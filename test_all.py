@@ -656,6 +656,14 @@ def test_folder_without_split_holds_out_every_tenth_image(tmp_path):
     assert len(train) == 18 and train[0][0].shape == (3, 4, 4)
 
 
+def test_folder_with_splits_labels_val_by_the_train_classes_and_warns_about_others(tmp_path):
+    for split, name in [("train", "b"), ("train", "a"), ("val", "b"), ("val", "zz")]:
+        _save(_noise_rgb(len(name), (4, 4)), tmp_path / split / name / "0.png")
+    with pytest.warns(UserWarning, match="train/ does not have .*: zz"):
+        val = data.build_dataset(str(tmp_path), None, "val", 4, augment=False)
+    assert val.classes == ["a", "b"] and [label for _, label in val.samples] == [1]
+
+
 def test_user_errors_are_data_errors(tmp_path):
     with pytest.raises(data.DataError, match="unknown --data 'imagenet'"):
         data.build_dataset("imagenet", None, "train", 32, False)
@@ -765,6 +773,22 @@ def test_random_resized_crop_flip():
     kept = [torch.allclose(w, i, atol=1e-3) for i, w in zip(images.float(), whole)]
     assert all(f or k for f, k in zip(flipped, kept))  # the full box reproduces the input, maybe mirrored
     assert 0 < sum(flipped) < 64
+
+
+def test_device_crop_boxes_follow_random_resized_crop():
+    """Boxes that do not fit are redrawn, not clamped (clamping shrinks their area and squares
+    them): every box keeps an area in `scale` and an aspect in `ratio`, and lies inside the image;
+    the mean area matches the JPEG path's `_random_crop_box` on a large square image."""
+    generator = torch.Generator().manual_seed(0)
+    width, height, centre_x, centre_y = data.crop_boxes(200_000, (0.3, 1.0), (3 / 4, 4 / 3), "cpu", generator)
+    area, aspect = width * height, width / height
+    assert area.min() >= 0.3 - 1e-6 and area.max() <= 1 + 1e-6
+    assert aspect.min() >= 3 / 4 - 1e-5 and aspect.max() <= 4 / 3 + 1e-5
+    assert ((centre_x.abs() <= 1 - width + 1e-6) & (centre_y.abs() <= 1 - height + 1e-6)).all()
+    torch.manual_seed(0)
+    jpeg_areas = [(lambda box: (box[2] - box[0]) * (box[3] - box[1]) / 1000 ** 2)(data._random_crop_box(1000, 1000))
+                  for _ in range(20_000)]
+    assert abs(area.mean().item() - np.mean(jpeg_areas)) < 0.01   # about 0.59; clamped boxes averaged 0.64
 
 
 def test_cache_round_trip(tmp_path):
@@ -935,6 +959,27 @@ def test_eval_probe_refuses_bad_checkpoints_and_arguments_in_one_line(fault, tmp
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("eval_probe.py: error: ") and fault in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cached_features_are_recomputed_when_the_image_folder_changes(tmp_path):
+    """The feature cache is keyed by data.fingerprint: a folder that gains a class (or a file, or
+    relabels one) gets new features, not the stale ones."""
+    for label in ("a", "b"):
+        for i in range(10):
+            _save(_noise_rgb(i + 10 * len(label)), tmp_path / "images" / label / f"{i}.png")
+    fake_checkpoint(tmp_path / "ckpt.pt")
+    argv = ["--ckpt", str(tmp_path / "ckpt.pt"), "--data", str(tmp_path / "images"), "--device", "cpu",
+            "--workers", "0", "--k", "3"]
+    assert eval_probe.main(argv)["num_classes"] == 2
+    for i in range(10):
+        _save(_noise_rgb(100 + i), tmp_path / "images" / "c" / f"{i}.png")
+    result = eval_probe.main(argv)
+    assert result["num_classes"] == 3 and result["num_train"] == 27
+    first = data.fingerprint(data.build_dataset(str(tmp_path / "images"), None, "train", 16, augment=False))
+    os.replace(tmp_path / "images" / "c" / "0.png", tmp_path / "images" / "b" / "99.png")   # relabel one file
+    assert data.fingerprint(data.build_dataset(str(tmp_path / "images"), None, "train", 16, augment=False)) != first
+    synthetic = [data.fingerprint(data.build_dataset("synthetic", None, "train", 16, False, seed)) for seed in (0, 0, 1)]
+    assert synthetic[0] == synthetic[1] != synthetic[2]
 
 
 def test_checkpoint_that_does_not_fit_its_config_exits_2(tmp_path, capsys):
@@ -1278,14 +1323,15 @@ train.main(sys.argv[1:])
 """
 
 
-def test_killed_at_five_points_and_resumed_ends_exactly_like_an_uninterrupted_run(tmp_path):
+def test_killed_at_six_points_and_resumed_ends_exactly_like_an_uninterrupted_run(tmp_path):
     args = FAST + ["--steps", "14", "--ckpt-every", "2"]
     # the reference runs in a subprocess too: bitwise equality needs the same thread count everywhere
     subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "reference")], cwd=HERE,
                    env=subprocess_env(), capture_output=True, check=True, timeout=120)
     reference = torch.load(tmp_path / "reference" / "ckpt.pt", weights_only=True)
     out = str(tmp_path / "killed")
-    faults = ["step:3", "save:2", "replace:2", "metrics:3", "step:4"]
+    # in a resumed process, os.replace call 1 trims metrics.jsonl, 2 and 3 are the first save's two renames
+    faults = ["step:3", "save:2", "replace:2", "replace:3", "metrics:3", "step:4"]
     for i, fault in enumerate(faults):
         resume = ["--resume"] if i else []
         result = subprocess.run([sys.executable, "-c", FAULTY_TRAIN, *args, "--out", out, *resume], cwd=HERE,

@@ -103,6 +103,12 @@ class Config:
     log_every: int = 50
 
 
+# What None means for the fields whose None is not "the dataset's or the preset's value" (--help).
+NONE_MEANS = {"data_dir": "looked up (see data.py)", "workers": "min(8, CPU cores) on a GPU, 0 on CPU",
+              "steps": "none: --epochs decides", "clip_grad": "none: no clipping",
+              "precision": "bf16 on CUDA, fp32 elsewhere"}
+
+
 class UsageError(ValueError):
     """A problem with the command line or its inputs: reported in one line, exit code 2."""
 
@@ -113,7 +119,8 @@ def build_parser():
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         kind = field.type
-        shown = "the dataset's or preset's default" if field.default is None else field.default
+        shown = field.default if field.default is not None else NONE_MEANS.get(field.name, "the dataset's or "
+                                                                                          "preset's default")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         elif field.name == "resume":
@@ -239,7 +246,9 @@ def ema_update(target_encoder, context_encoder, momentum):
 
 class SeededItems(torch.utils.data.Dataset):
     """Wraps a dataset so that each item's augmentation is seeded by (run seed, epoch, index):
-    a resumed run, or N processes, see exactly the crops of one uninterrupted process."""
+    a resumed run, or N processes, see exactly the crops of one uninterrupted process. (With
+    --cache, crops are drawn on the device per batch and process instead: a resume with the same
+    number of processes repeats them, one with another number does not.)"""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -284,8 +293,10 @@ def training_set(cfg, rank, world):
     source = data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=False, seed=cfg.seed)
     size = round(cfg.img_size / 0.875)
     name = os.path.basename(os.path.normpath(cfg.data))
-    # The source in the name: two folders called "images", or another seed's synthetic set, never share.
-    source_id = hashlib.sha1(repr((os.path.abspath(cfg.data), cfg.data_dir, cfg.seed)).encode()).hexdigest()[:8]
+    # The source in the name: two folders called "images", another seed's synthetic set, or a folder
+    # that gained, lost or relabelled files since (data.fingerprint), never share a cache.
+    identity = (os.path.abspath(cfg.data), cfg.data_dir, cfg.seed, data.fingerprint(source))
+    source_id = hashlib.sha1(repr(identity).encode()).hexdigest()[:8]
     path = os.path.join(os.path.dirname(os.path.abspath(cfg.out)), "cache", f"{name}_train_{size}_{source_id}.npy")
     if rank == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -579,8 +590,6 @@ def open_run(cfg, rank):
     if cfg.resume is None:
         if holds_a_run:
             raise UsageError(f"{cfg.out} already holds a checkpoint: add --resume to continue it, or pick another --out")
-        if rank == 0 and os.path.exists(os.path.join(cfg.out, "metrics.jsonl")):
-            os.remove(os.path.join(cfg.out, "metrics.jsonl"))  # a run killed before its first checkpoint
         return None
     asked = os.path.join(cfg.resume, "ckpt.pt") if os.path.isdir(cfg.resume) else cfg.resume or ckpt_path
     if holds_a_run and os.path.dirname(os.path.abspath(asked)) != os.path.abspath(cfg.out):
@@ -673,8 +682,10 @@ def train(cfg):
             raise UsageError(f"the checkpoint is at step {step}, but this run has only {total} steps: "
                              f"raise --steps or --epochs")
         torch.set_rng_state(checkpoint["rng"])
-        if rank == 0:
-            trim_metrics(metrics_path, step)
+    if rank == 0 and checkpoint is not None:
+        trim_metrics(metrics_path, step)
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # left by a run killed before its first checkpoint
     nets = [DistributedDataParallel(m) if world > 1 else m for m in (context_encoder, predictor)] + [target_encoder]
     nets = [torch.compile(m) for m in nets] if cfg.compile else nets
     params = [p for m in (context_encoder, predictor) for p in m.parameters()]
