@@ -316,6 +316,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--limit must be at least 2 (standardising features needs two images), got {args.limit}")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json {args.json}: its folder does not exist (the result is written there at the end)")
     return args
 
 

@@ -936,7 +936,7 @@ def fake_checkpoint(path, **overrides):
     return checkpoint
 
 
-@pytest.mark.parametrize("fault", ["not a zip archive", "damaged", "NaN or Inf", "--workers"])
+@pytest.mark.parametrize("fault", ["not a zip archive", "damaged", "NaN or Inf", "--workers", "--json"])
 def test_eval_probe_refuses_bad_checkpoints_and_arguments_in_one_line(fault, tmp_path, capsys):
     path = tmp_path / "ckpt.pt"
     argv = ["--ckpt", str(path), "--device", "cpu", "--workers", "0"]
@@ -951,9 +951,12 @@ def test_eval_probe_refuses_bad_checkpoints_and_arguments_in_one_line(fault, tmp
         diverged = model.build_encoder("nano", 32, 4).state_dict()
         diverged["blocks.0.mlp.fc1.weight"][0, 0] = float("inf")
         fake_checkpoint(path, target_encoder=diverged)
-    else:
+    elif fault == "--workers":
         fake_checkpoint(path)
         argv[-1] = "-1"
+    else:                                                              # refused before the work, not after
+        fake_checkpoint(path)
+        argv += ["--json", str(tmp_path / "missing" / "result.json")]
     with pytest.raises(SystemExit) as exit_info:
         eval_probe.main(argv)
     err = capsys.readouterr().err
@@ -1390,17 +1393,24 @@ def assert_same_run(a, b, out_a, out_b):
 
 
 def test_two_processes_equal_one_and_resume_across_world_sizes(tmp_path):
-    args = FAST + ["--steps", "4", "--ckpt-every", "2"]
-    single = run_train(tmp_path / "single", "--steps", "4", "--ckpt-every", "2")
+    """On a folder with unreadable files, which both processes must count (each loads its own rows)."""
+    for i in range(40):
+        _save(_noise_rgb(i), tmp_path / "images" / f"c{i % 2}" / f"{i:02d}.png")
+    for name in ("c0/02.png", "c1/05.png", "c1/13.png"):
+        (tmp_path / "images" / name).write_bytes(b"not an image")
+    folder = ["--data", str(tmp_path / "images"), "--img-size", "32", "--patch-size", "4", "--batch-size", "8"]
+    args = FAST + folder + ["--steps", "4", "--ckpt-every", "2"]
+    single = run_train(tmp_path / "single", *folder, "--steps", "4", "--ckpt-every", "2")
     double = torchrun(args, tmp_path / "double")
     assert_same_run(single, double, tmp_path / "single", tmp_path / "double")
+    assert single["counters"]["skipped_images"] == double["counters"]["skipped_images"] == 3
     # a 1-process checkpoint resumed by 2 processes, and a 2-process one resumed by 1
     for source, world in (("single", 2), ("double", 1)):
         out = tmp_path / f"{source}_to_{world}"
         os.makedirs(out)
         os.replace(tmp_path / source / "ckpt_prev.pt", out / "ckpt.pt")      # the step-2 state
-        resumed = torchrun(args + ["--resume"], out) if world == 2 else run_train(out, "--steps", "4", "--ckpt-every",
-                                                                                 "2", "--resume")
+        resumed = torchrun(args + ["--resume"], out) if world == 2 else run_train(out, *folder, "--steps", "4",
+                                                                                 "--ckpt-every", "2", "--resume")
         for name in ("context_encoder", "target_encoder", "predictor"):
             for key, value in single[name].items():
                 torch.testing.assert_close(resumed[name][key], value, atol=2e-5, rtol=1e-4)

@@ -374,6 +374,15 @@ def all_ranks_true(flag):
     return bool(flag.item())
 
 
+def sum_over_ranks(count, device):
+    """An int summed over processes (the same total on every one)."""
+    if not dist.is_initialized():
+        return count
+    total = torch.tensor(count, device=device)
+    dist.all_reduce(total)
+    return int(total)
+
+
 def mean_over_ranks(values):
     if dist.is_initialized():
         dist.all_reduce(values)
@@ -720,7 +729,7 @@ def train(cfg):
             epoch, start = divmod(batches, steps_per_epoch)
             for images, _, skipped in epoch_loader(cfg, dataset, rank, world, epoch, start):
                 batches += 1
-                counters["skipped_images"] += int(skipped.sum())
+                counters["skipped_images"] += sum_over_ranks(int(skipped.sum()), device)  # each loads its rows
                 lr, weight_decay, momentum = schedules(cfg, step, total)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
