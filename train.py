@@ -119,8 +119,8 @@ def build_parser():
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         kind = field.type
-        shown = field.default if field.default is not None else NONE_MEANS.get(field.name, "the dataset's or "
-                                                                                          "preset's default")
+        none_means = NONE_MEANS.get(field.name, "the dataset's or preset's default")
+        shown = none_means if field.default is None else field.default
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         elif field.name == "resume":
@@ -508,7 +508,7 @@ def plot_curves(metrics_path, png_path, keys=("loss", "l2", "sigreg", "effective
         if len(points) > 1:
             draw.line(points, fill=(40, 90, 200), width=2)
         else:  # a run with one logged step: a dot
-            (x, y), = points
+            x, y = points[0]
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(40, 90, 200))
         draw.text((x0, 10), f"{key}  ({values[-1]:.4g} at step {steps[-1]})", fill="black")
         draw.text((x0 - 35, margin - 6), f"{high:.3g}", fill="black")
@@ -755,8 +755,9 @@ def train(cfg):
                     bar.update(1)
                     images_seen += images.shape[0] * world
                     if step % cfg.log_every == 0 or step == total:
-                        log(step, epoch, out, (lr, weight_decay, momentum), images_seen / (time.perf_counter() - clock),
-                            counters, bar, metrics_path if rank == 0 else None)
+                        img_per_s = images_seen / (time.perf_counter() - clock)
+                        log_step(step, epoch, out, (lr, weight_decay, momentum), img_per_s, counters, bar,
+                                 metrics_path if rank == 0 else None)
                         clock, images_seen = time.perf_counter(), 0
                 stop = Stop.requested(device)  # also during a run of skipped steps
                 if stop or (out is not None and (step % cfg.ckpt_every == 0 or step == total)):
@@ -794,7 +795,7 @@ def log_row(step, epoch, out, schedule, img_per_s, counters):
             "feature_std": std, "effective_rank": effective_rank, **counters}
 
 
-def log(step, epoch, out, schedule, img_per_s, counters, bar, metrics_path):
+def log_step(step, epoch, out, schedule, img_per_s, counters, bar, metrics_path):
     """Show the step's numbers on the progress bar; on rank 0 (metrics_path given) append them to
     metrics.jsonl and warn when the target features look collapsed."""
     row = log_row(step, epoch, out, schedule, img_per_s, counters)
