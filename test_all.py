@@ -1057,6 +1057,35 @@ def test_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path):
     assert ckpt["config"]["embed_dim"] == 32 and ckpt["git_commit"]
 
 
+def test_feature_health_measures_spread_and_effective_rank(tmp_path, monkeypatch, capsys):
+    generator = torch.Generator().manual_seed(0)
+    gaussian = torch.randn(512, 32, generator=generator)
+    std, rank = train.feature_health(gaussian)
+    assert 0.95 < std < 1.05 and 28 < rank <= 32                 # isotropic: nearly every direction used
+    _, rank = train.feature_health(torch.randn(512, 2, generator=generator) @ torch.randn(2, 32, generator=generator))
+    assert 1 < rank <= 2.01                                       # two directions
+    std, rank = train.feature_health(torch.ones(512, 32))
+    assert std == 0 and rank == pytest.approx(1)                  # full collapse
+    monkeypatch.setattr(train, "feature_health", lambda pooled: (1e-4, 1.0))
+    run_train(tmp_path / "run", "--steps", "1")                   # the loop reads them and says what to do
+    assert "target features look collapsed at step 1" in capsys.readouterr().out
+
+
+def test_a_falling_loss_proves_nothing_and_sigreg_keeps_the_features_spread(tmp_path):
+    """The audit's lesson in small: with the prediction loss alone (lam 0, stop-gradient target) the
+    loss falls over 20-fold while the target features shrink towards a point; the same run with
+    SIGReg keeps a higher loss but spreads the features out instead. Watch the features, not the loss."""
+    args = ("--steps", "40", "--lr", "1e-2", "--ema", "0", "--ema-end", "0")
+    rows = {}
+    for lam in ("0", "0.05"):
+        run_train(tmp_path / lam, *args, "--lam", lam)
+        rows[lam] = read_metrics(tmp_path / lam)
+    alone, with_sigreg = rows["0"], rows["0.05"]
+    assert alone[-1]["l2"] < alone[0]["l2"] / 20 and alone[-1]["feature_std"] < alone[0]["feature_std"] / 2
+    assert with_sigreg[-1]["l2"] > 10 * alone[-1]["l2"]
+    assert with_sigreg[-1]["feature_std"] > 2 * with_sigreg[0]["feature_std"] > 2 * alone[-1]["feature_std"]
+
+
 def test_every_trainable_parameter_gets_a_gradient_and_is_optimized():
     cfg = train.resolve(train.Config(model="nano", depth=2, batch_size=8, num_slices=16))
     nets = train.build_models(cfg)
