@@ -91,6 +91,13 @@ class _WaveSums(torch.autograd.Function):
         return grad_x.sub_(torch.einsum("smj,mj->sm", waves[1], grad[0] * t)), None   # (S, M)
 
 
+def slice_directions(dim, num_slices, generator=None, device=None):
+    """M random unit directions a_m in R^D, drawn from `generator` (a CPU generator, so that every
+    device and DDP rank draws the same ones from the same seed). Shape: returns (D, M)."""
+    directions = torch.randn(dim, num_slices, generator=generator).to(device)
+    return directions / directions.norm(dim=0, keepdim=True)
+
+
 def sigreg(z, num_slices=256, generator=None, directions=None):
     """SIGReg(z) = (1/M) sum_m  S * sum_j omega_j |phi_S,m(t_j) - exp(-t_j^2 / 2)|^2,
     phi_S,m(t) = (1/S) sum_s exp(i t <a_m, z_s>), with |phi_S - phi|^2 = (mean cos - phi)^2 + (mean sin)^2.
@@ -100,15 +107,17 @@ def sigreg(z, num_slices=256, generator=None, directions=None):
     same directions (the same `generator` seed, e.g. from the step).
 
     Args: directions (D, M) to fix the slices, else M = num_slices random unit directions drawn from
-          `generator` (CPU generator; moved to z's device).
+          `generator` (see `slice_directions`).
     Shape: z (S, D) -> scalar.
+
+    Under torch.compile, non-finite input is not checked here (the check is a data-dependent branch,
+    a graph break and a host sync every step): train.py checks the embeddings before the loss.
     """
-    if not torch.isfinite(z).all():
+    if not torch.compiler.is_compiling() and not torch.isfinite(z).all():
         raise ValueError("sigreg: embeddings contain NaN or Inf (lower --lr, or use --precision fp32 to find the cause)")
     z = z.float()                                                          # the test needs fp32 even under bf16
     if directions is None:
-        directions = torch.randn(z.shape[1], num_slices, generator=generator).to(z.device)
-        directions = directions / directions.norm(dim=0, keepdim=True)     # (D, M), unit columns
+        directions = slice_directions(z.shape[1], num_slices, generator, z.device)
     t, omega = epps_pulley_grid(z.device)
     with torch.autocast(z.device.type, enabled=False):
         x = z @ directions.to(z)                                           # (S, M)
@@ -141,7 +150,8 @@ def prediction_loss(predictions, targets, valid):
     return _world_size() * error.pow(2).mean(-1).sum() / count
 
 
-def jepa_loss(predictions, targets, target_valid, embeddings, lam=0.05, num_slices=256, generator=None):
+def jepa_loss(predictions, targets, target_valid, embeddings, lam=0.05, num_slices=256, generator=None,
+              directions=None):
     """The single training loss:  L = (1 - lam) * L_pred + lam * SIGReg(embeddings).
 
     L_pred compares the predictor's outputs with the target (EMA) encoder's features at the target
@@ -160,11 +170,12 @@ def jepa_loss(predictions, targets, target_valid, embeddings, lam=0.05, num_slic
     the README's recipe therefore uses lam = 1e-4, where both terms shape the encoder; the default
     stays LeJEPA's value, since that balance depends on the number of tokens per batch.
 
+    SIGReg's slices come from `generator`, or are given as `directions` (D, M) (see `sigreg`).
     Shape: predictions, targets (R, T, D); target_valid (R, T); embeddings (S, D).
     Returns: (loss, l2, sigreg) as tensors; only `loss` is meant for backward.
     """
     l2 = prediction_loss(predictions, targets, target_valid)
-    regularizer = sigreg(embeddings, num_slices, generator)
+    regularizer = sigreg(embeddings, num_slices, generator, directions)
     return (1 - lam) * l2 + lam * regularizer, l2, regularizer
 
 

@@ -437,6 +437,19 @@ def test_sigreg_rejects_non_finite_input():
         losses.sigreg(z)
 
 
+def test_the_loss_compiles_to_one_graph_given_its_directions():
+    """With the slices drawn outside (train.forward_loss does), torch.compile sees jepa_loss whole:
+    no graph break from a seeded CPU generator or from the eager-only NaN check, no host sync."""
+    generator = torch.Generator().manual_seed(0)
+    predictions, targets = torch.randn(8, 5, 16), torch.randn(8, 5, 16)
+    valid = torch.rand(8, 5, generator=generator) > 0.3
+    embeddings = torch.randn(40, 16, requires_grad=True)
+    directions = losses.slice_directions(16, 32, generator)
+    explained = torch._dynamo.explain(losses.jepa_loss)(predictions, targets, valid, embeddings, 0.05,
+                                                          directions=directions)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
 def _sigreg_rank(rank, world, path, z_all, directions, queue):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
@@ -954,7 +967,7 @@ def test_eval_probe_refuses_bad_checkpoints_and_arguments_in_one_line(fault, tmp
     elif fault == "--workers":
         fake_checkpoint(path)
         argv[-1] = "-1"
-    else:                                                              # refused before the work, not after
+    else:
         fake_checkpoint(path)
         argv += ["--json", str(tmp_path / "missing" / "result.json")]
     with pytest.raises(SystemExit) as exit_info:
@@ -962,6 +975,7 @@ def test_eval_probe_refuses_bad_checkpoints_and_arguments_in_one_line(fault, tmp
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("eval_probe.py: error: ") and fault in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert not list(tmp_path.glob("features_*"))                      # refused before any work
 
 
 def test_cached_features_are_recomputed_when_the_image_folder_changes(tmp_path):
@@ -1066,24 +1080,26 @@ def test_feature_health_measures_spread_and_effective_rank(tmp_path, monkeypatch
     assert 1 < rank <= 2.01                                       # two directions
     std, rank = train.feature_health(torch.ones(512, 32))
     assert std == 0 and rank == pytest.approx(1)                  # full collapse
-    monkeypatch.setattr(train, "feature_health", lambda pooled: (1e-4, 1.0))
-    run_train(tmp_path / "run", "--steps", "1")                   # the loop reads them and says what to do
-    assert "target features look collapsed at step 1" in capsys.readouterr().out
+    for health, warned in (((1e-4, 20.0), True), ((1.0, 1.0), True), ((1.0, 20.0), False)):
+        monkeypatch.setattr(train, "feature_health", lambda pooled: health)   # the loop reads them and warns
+        run_train(tmp_path / str(health), "--steps", "1")
+        assert ("target features look collapsed at step 1" in capsys.readouterr().out) == warned, health
 
 
-def test_a_falling_loss_proves_nothing_and_sigreg_keeps_the_features_spread(tmp_path):
-    """The audit's lesson in small: with the prediction loss alone (lam 0, stop-gradient target) the
-    loss falls over 20-fold while the target features shrink towards a point; the same run with
-    SIGReg keeps a higher loss but spreads the features out instead. Watch the features, not the loss."""
-    args = ("--steps", "40", "--lr", "1e-2", "--ema", "0", "--ema-end", "0")
+def test_without_sigreg_the_features_lose_dimensions(tmp_path):
+    """The audit's lesson in small: watch the features, not the loss. With the prediction loss alone
+    (lam 0, stop-gradient target) the target features' effective rank, averaged over the last 10
+    logged steps, ends far below the same run's with SIGReg, which also spreads them out (std).
+    Over seeds 0, 1, 2 (80 steps): 4.3 / 2.6 / 2.0 without SIGReg against 6.4 / 6.3 / 6.1 with it,
+    while the loss without SIGReg fell 292 / 6 / 0.9-fold: a falling loss says nothing either way."""
+    args = ("--steps", "80", "--lr", "1e-2", "--ema", "0", "--ema-end", "0")
     rows = {}
     for lam in ("0", "0.05"):
         run_train(tmp_path / lam, *args, "--lam", lam)
         rows[lam] = read_metrics(tmp_path / lam)
-    alone, with_sigreg = rows["0"], rows["0.05"]
-    assert alone[-1]["l2"] < alone[0]["l2"] / 20 and alone[-1]["feature_std"] < alone[0]["feature_std"] / 2
-    assert with_sigreg[-1]["l2"] > 10 * alone[-1]["l2"]
-    assert with_sigreg[-1]["feature_std"] > 2 * with_sigreg[0]["feature_std"] > 2 * alone[-1]["feature_std"]
+    rank = {lam: sum(r["effective_rank"] for r in rows[lam][-10:]) / 10 for lam in rows}
+    assert rank["0"] < rank["0.05"] - 1.5, rank
+    assert rows["0.05"][-1]["feature_std"] > 2 * rows["0.05"][0]["feature_std"]
 
 
 def test_every_trainable_parameter_gets_a_gradient_and_is_optimized():

@@ -360,9 +360,12 @@ def forward_loss(cfg, nets, images, step_masks, step, grid):
         embeddings = (context * context_valid[..., None]).sum(1) / context_valid.sum(1, keepdim=True)  # (B, D)
     if not all_ranks_true(torch.isfinite(embeddings).all()):
         return None
+    # The slices are drawn here, outside any compiled graph (a seeded CPU generator breaks a graph).
+    directions = losses.slice_directions(embeddings.shape[1], cfg.num_slices, step_generator(cfg, step, 1),
+                                         embeddings.device)                                   # (D, M)
     jepa_loss = compiled_jepa_loss if cfg.compile else losses.jepa_loss
-    loss, l2, regularizer = jepa_loss(predictions, targets, target_valid, embeddings, cfg.lam, cfg.num_slices,
-                                      step_generator(cfg, step, 1))
+    loss, l2, regularizer = jepa_loss(predictions, targets, target_valid, embeddings, cfg.lam,
+                                      directions=directions)
     return loss, l2, regularizer, target_features.float().mean(1)
 
 
