@@ -937,6 +937,13 @@ def test_missing_checkpoint_exits_2_with_one_line(tmp_path, capsys):
     assert err.startswith("eval_probe.py: error: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
+def damage(path):
+    """Overwrite 16 bytes in the middle of a checkpoint, inside its tensor data (the zip stays readable)."""
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\xff" * 16)
+
+
 def fake_checkpoint(path, **overrides):
     config = {"data": "synthetic", "data_dir": None, "model": "nano", "img_size": 32, "patch_size": 4,
               "embed_dim": None, "depth": None, "num_heads": None, "seed": 0}
@@ -957,9 +964,7 @@ def test_eval_probe_refuses_bad_checkpoints_and_arguments_in_one_line(fault, tmp
         path.write_text("not a checkpoint")
     elif fault == "damaged":
         fake_checkpoint(path)
-        with open(path, "r+b") as f:                                   # flip bytes inside the tensor data
-            f.seek(os.path.getsize(path) // 2)
-            f.write(b"\xff" * 16)
+        damage(path)
     elif fault == "NaN or Inf":                                        # a diverged run
         diverged = model.build_encoder("nano", 32, 4).state_dict()
         diverged["blocks.0.mlp.fc1.weight"][0, 0] = float("inf")
@@ -1465,9 +1470,7 @@ def test_a_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path, ca
     path = str(tmp_path / "ckpt.pt")
     train.save_checkpoint(path, {"step": 1, "weights": torch.randn(1000)})
     train.save_checkpoint(path, {"step": 2, "weights": torch.randn(1000)})
-    with open(path, "r+b") as f:                                   # flip bytes inside the tensor data
-        f.seek(os.path.getsize(path) // 2)
-        f.write(b"\xff" * 16)
+    damage(path)
     state, used = train.load_checkpoint(path)
     assert state["step"] == 1 and used.endswith("ckpt_prev.pt")
     assert "damaged" in capsys.readouterr().err
@@ -1478,9 +1481,7 @@ def test_resuming_past_a_damaged_checkpoint_keeps_the_good_one(tmp_path, capsys)
     does not rotate the damaged file over the only good checkpoint."""
     out = tmp_path / "run"
     run_train(out, "--steps", "2", "--ckpt-every", "1")
-    with open(out / "ckpt.pt", "r+b") as f:
-        f.seek(os.path.getsize(out / "ckpt.pt") // 2)
-        f.write(b"\xff" * 16)
+    damage(out / "ckpt.pt")
     resumed = run_train(out, "--steps", "2", "--ckpt-every", "1", "--resume")
     assert resumed["step"] == 2
     assert train.load_checkpoint(str(out / "ckpt_prev.pt"))[0]["step"] == 1
