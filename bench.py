@@ -25,7 +25,9 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
            again in turn with each of our steps (eager and compiled, as --compile selects) and the GEMM,
            one call of each in turn, for the ratios; FLOPs per image counted with torch.utils.flop_counter
            (forward + backward), MFU against that GEMM, ours / official img/s, and the context patches
-           each keeps per sample (their collator cuts every sample to the batch's smallest).
+           each keeps per sample (their collator cuts every sample to the batch's smallest). On a CPU
+           their code runs in fp32 whatever its config says, so the bf16 group also times, in the same
+           turn, their step in fp32 (as their code runs there) and an fp32 GEMM for its MFU.
 
 How to read it: absolute times on a shared machine mean little, ratios from one run do. On CPU keep
 torch's threads <= free cores (OMP_NUM_THREADS): oversubscribed cores stall PyTorch ops several-fold.
@@ -477,11 +479,17 @@ def bench_official(ijepa, cfgs, steps, ours_rows):
 
     alone_s = time_in_turn([official_fn], len(all_masks), device)[0][0]
     peak_mem = peak_memory_mb(device)                                     # of their step alone
-    # The times compared: theirs, each of ours and the GEMM again, one call of each in turn.
+    # The times compared: theirs, each of ours and the GEMM again, one call of each in turn. On a CPU
+    # their code runs in fp32 whatever its config says (its autocast is torch.cuda.amp.autocast), so
+    # in the bf16 group their step as their code runs it, and an fp32 GEMM for its MFU, join the turn.
     ours_fns = [build_our_step(ours_cfg, steps)[0] for ours_cfg in cfgs]
     gemm_fn, gemm_flop, _ = gemm(device, cfg.precision)
-    *ours_timed, (step_s, _, _), (gemm_s, _, _) = time_in_turn([*ours_fns, official_fn, gemm_fn], len(all_masks),
-                                                                device)
+    as_run = "fp32" if device.type == "cpu" and cfg.precision == "bf16" else None
+    as_run_fns = [] if as_run is None else [
+        lambda i: official_step(ijepa, nets, optimizer, schedulers, images, all_masks[i], as_run), gemm(device, as_run)[0]]
+    medians = [median for median, _, _ in time_in_turn([*ours_fns, official_fn, gemm_fn, *as_run_fns],
+                                                        len(all_masks), device)]
+    ours_times, (step_s, gemm_s, *as_run_times) = medians[:len(ours_fns)], medians[len(ours_fns):]
     # The count depends only on the (K, T) of a batch: one counted pass per distinct pair.
     shapes = [(enc[0].shape[1], pred[0].shape[1]) for enc, pred in all_masks[warmup:]]
     one_batch_per_shape = dict(zip(shapes, all_masks[warmup:]))
@@ -490,7 +498,15 @@ def bench_official(ijepa, cfgs, steps, ours_rows):
     img_s, gemm_flop_s = cfg.batch_size / step_s, gemm_flop / gemm_s
     ours = [{"compile": row["compile"], "step_s": ours_s, "img_s": cfg.batch_size / ours_s,
              "mfu": row["useful_flop_per_img"] * cfg.batch_size / ours_s / gemm_flop_s,
-             "over_official_img_s": step_s / ours_s} for row, (ours_s, _, _) in zip(ours_rows, ours_timed)]
+             "over_official_img_s": step_s / ours_s} for row, ours_s in zip(ours_rows, ours_times)]
+    as_their_code_runs = None
+    if as_run is not None:
+        as_run_s, as_run_gemm_s = as_run_times
+        as_their_code_runs = {"precision": as_run, "step_s": as_run_s, "img_s": cfg.batch_size / as_run_s,
+                              "gemm_flop_s": gemm_flop / as_run_gemm_s, "mfu": flop * cfg.batch_size / as_run_s
+                              / (gemm_flop / as_run_gemm_s)}
+        for timed_here in ours:
+            timed_here["over_official_as_run_img_s"] = as_run_s / timed_here["step_s"]
     return {"code": "facebookresearch/ijepa", "model": f"vit_{cfg.model}", "img_size": cfg.img_size,
             "patch_size": cfg.patch_size, "batch_size": cfg.batch_size, "precision": cfg.precision, "compile": False,
             "pred_dim": sizes["pred_dim"], "pred_depth": sizes["pred_depth"], "pred_heads": encoder.num_heads,
@@ -499,7 +515,7 @@ def bench_official(ijepa, cfgs, steps, ours_rows):
             "peak_mem_mb": peak_mem, "num_patches": (cfg.img_size // cfg.patch_size) ** 2,
             "context_patches": statistics.mean(enc[0].shape[1] for enc, _ in all_masks[warmup:]),
             "target_patches": statistics.mean(pred[0].shape[1] for _, pred in all_masks[warmup:]),
-            "alone_step_s": alone_s, "ours": ours}
+            "alone_step_s": alone_s, "ours": ours, "as_their_code_runs": as_their_code_runs}
 
 
 # ----------------------------------------------------------------------------- output
@@ -579,6 +595,10 @@ def print_official(official, ours_rows):
         rows.append([f"ours, {'compile' if row['compile'] else 'eager'}", row, timed_here, row["useful_flop_per_img"],
                      "analytic", f"{timed_here['over_official_img_s']:.2f}x"])
     rows.append(["official (src/train.py), eager", official, official, official["flop_per_img"], "flop_counter", "1x"])
+    as_run = official["as_their_code_runs"]
+    if as_run is not None:
+        rows.append([f"official as it runs here ({as_run['precision']})", {**official, "peak_mem_mb": None}, as_run,
+                     official["flop_per_img"], "flop_counter", f"{official['step_s'] / as_run['step_s']:.2f}x"])
     setting = f"{official['model']} {official['img_size']}/{official['patch_size']} {official['precision']}"
     print_table(f"5. official I-JEPA step (same setting: {setting}, batch {official['batch_size']}; their "
                 f"modules, predictor {official['pred_dim']} wide x {official['pred_depth']} deep as ours; "
@@ -598,6 +618,12 @@ def print_official(official, ours_rows):
     print(f"  their collator (min_keep {official['min_keep']}{why}) cuts every sample's context to the batch's "
           f"smallest, and draws target blocks of {official['target_patches']:.1f} patches; ours keeps every "
           f"visible patch")
+    if as_run is not None:
+        ratios = ", ".join(f"{'compile' if row['compile'] else 'eager'} {t['over_official_as_run_img_s']:.2f}x"
+                           for row, t in zip(ours_rows, official["ours"]))
+        print(f"  on a CPU their code runs in {as_run['precision']} whatever its config says (its autocast is "
+              f"torch.cuda.amp.autocast): ours / official as it runs here = {ratios} (img/s, in the same turn; "
+              f"its MFU against the {as_run['precision']} GEMM of that turn, {si(as_run['gemm_flop_s'], 'FLOP/s')})")
 
 
 def parse_args():

@@ -1335,64 +1335,83 @@ def subprocess_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-# Runs train.main with one injected fault, chosen by FAULT=kind:n: SIGKILL itself at the n-th EMA update
-# (after the optimizer step, before the EMA), half-way through the n-th torch.save, just before the n-th
-# os.replace, or half-way through writing the n-th metrics line.
-FAULTY_TRAIN = r"""
-import os, signal, sys, torch, train
-kind, n = os.environ["FAULT"].split(":")
-calls = {"count": 0}
-def due():
-    calls["count"] += 1
-    return calls["count"] == int(n)
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-if kind == "step":
-    ema_update = train.ema_update
-    train.ema_update = lambda *a: die() if due() else ema_update(*a)
-if kind == "save":
-    save = torch.save
-    def half_save(state, path):
-        save(state, path)
-        if due():
-            with open(path, "r+b") as f:
-                f.truncate(os.path.getsize(path) // 2)
-            die()
-    torch.save = half_save
-if kind == "replace":
-    replace = os.replace
-    os.replace = lambda a, b: die() if due() else replace(a, b)
-if kind == "metrics":
-    write_row = train.write_row
-    def half_row(path, row):
-        if due():
-            with open(path, "a") as f:
-                f.write('{"step": ' + str(row["step"]))
-                f.flush()
-            die()
-        write_row(path, row)
-    train.write_row = half_row
-train.main(sys.argv[1:])
+# Runs train.main once per JSON line on stdin, [fault or null, argv], each in a child forked from
+# this one process: the children share one import of torch and train (about 6 s each otherwise) and
+# each starts from the same freshly imported state, so each is a new training process as far as the
+# run folder is concerned. A fault, kind:n, makes the child SIGKILL itself at the n-th EMA update
+# (after the optimizer step, before the EMA), half-way through the n-th torch.save, just before the
+# n-th os.replace, or half-way through writing the n-th metrics line. Prints each child's wait status.
+FORKED_TRAIN = r"""
+import json, os, signal, sys, torch, train
+def install(kind, n):
+    calls = {"count": 0}
+    def due():
+        calls["count"] += 1
+        return calls["count"] == int(n)
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "step":
+        ema_update = train.ema_update
+        train.ema_update = lambda *a: die() if due() else ema_update(*a)
+    if kind == "save":
+        save = torch.save
+        def half_save(state, path):
+            save(state, path)
+            if due():
+                with open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                die()
+        torch.save = half_save
+    if kind == "replace":
+        replace = os.replace
+        os.replace = lambda a, b: die() if due() else replace(a, b)
+    if kind == "metrics":
+        write_row = train.write_row
+        def half_row(path, row):
+            if due():
+                with open(path, "a") as f:
+                    f.write('{"step": ' + str(row["step"]))
+                    f.flush()
+                die()
+            write_row(path, row)
+        train.write_row = half_row
+for line in sys.stdin:
+    fault, argv = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if fault:
+                install(*fault.split(":"))
+            train.main(argv)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        finally:
+            os._exit(code)
+    status = os.waitpid(pid, 0)[1]
+    print(json.dumps({"fault": fault, "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+                      "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}))
 """
 
 
 def test_killed_at_six_points_and_resumed_ends_exactly_like_an_uninterrupted_run(tmp_path):
     args = FAST + ["--steps", "14", "--ckpt-every", "2"]
-    # the reference runs in a subprocess too: bitwise equality needs the same thread count everywhere
-    subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "reference")], cwd=HERE,
-                   env=subprocess_env(), capture_output=True, check=True, timeout=120)
-    reference = torch.load(tmp_path / "reference" / "ckpt.pt", weights_only=True)
     out = str(tmp_path / "killed")
     # in a resumed process, os.replace call 1 trims metrics.jsonl, 2 and 3 are the first save's two renames
     faults = ["step:3", "save:2", "replace:2", "replace:3", "metrics:3", "step:4"]
-    for i, fault in enumerate(faults):
-        resume = ["--resume"] if i else []
-        result = subprocess.run([sys.executable, "-c", FAULTY_TRAIN, *args, "--out", out, *resume], cwd=HERE,
-                                env={**subprocess_env(), "FAULT": fault}, capture_output=True, text=True, timeout=120)
-        assert result.returncode == -signal.SIGKILL, (fault, result.stderr[-2000:])
-    result = subprocess.run([sys.executable, "train.py", *args, "--out", out, "--resume"], cwd=HERE,
-                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # the reference is a child of the same driver too: bitwise equality needs the same thread count
+    runs = [[None, args + ["--out", str(tmp_path / "reference")]]]
+    runs += [[fault, args + ["--out", out] + (["--resume"] if i else [])] for i, fault in enumerate(faults)]
+    runs += [[None, args + ["--out", out, "--resume"]]]
+    result = subprocess.run([sys.executable, "-c", FORKED_TRAIN], cwd=HERE, env=subprocess_env(), text=True,
+                            input="".join(json.dumps(run) + "\n" for run in runs), capture_output=True, timeout=300)
+    statuses = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"fault"')]
+    expected = [{"fault": None, "signal": None, "exit": 0}]
+    expected += [{"fault": fault, "signal": signal.SIGKILL, "exit": None} for fault in faults]
+    expected += [{"fault": None, "signal": None, "exit": 0}]
+    assert statuses == expected, result.stderr[-3000:]
+    reference = torch.load(tmp_path / "reference" / "ckpt.pt", weights_only=True)
     final = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     for name in ("context_encoder", "target_encoder", "predictor"):
         for key, value in reference[name].items():

@@ -19,6 +19,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -336,9 +337,11 @@ def sample_step_masks(cfg, step, grid, rank, world, device):
 
 # Under --compile the loss is compiled too, so that SIGReg's S x M x J cosines and sines, their sums
 # and the L2 error run in inductor's fused kernels rather than one eager op each: the compiled bf16
-# step of the tiny preset ran 1.11x faster for it (README, Performance). torch.compile is lazy:
-# nothing is compiled before the first call.
-compiled_jepa_loss = torch.compile(losses.jepa_loss)
+# step of the tiny preset ran 1.11x faster for it (README, Performance). Wrapped on first use, as
+# creating the wrapper imports inductor (about 1.6 s): an eager run or `--help` does not pay it.
+@functools.cache
+def compiled_jepa_loss():
+    return torch.compile(losses.jepa_loss)
 
 
 def forward_loss(cfg, nets, images, step_masks, step, grid):
@@ -363,7 +366,7 @@ def forward_loss(cfg, nets, images, step_masks, step, grid):
     # The slices are drawn here, outside any compiled graph (a seeded CPU generator breaks a graph).
     directions = losses.slice_directions(embeddings.shape[1], cfg.num_slices, step_generator(cfg, step, 1),
                                          embeddings.device)                                   # (D, M)
-    jepa_loss = compiled_jepa_loss if cfg.compile else losses.jepa_loss
+    jepa_loss = compiled_jepa_loss() if cfg.compile else losses.jepa_loss
     loss, l2, regularizer = jepa_loss(predictions, targets, target_valid, embeddings, cfg.lam,
                                       directions=directions)
     return loss, l2, regularizer, target_features.float().mean(1)
