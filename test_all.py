@@ -1335,14 +1335,31 @@ def subprocess_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def run_in_own_session(command, timeout, input=None):
+    """Run `command` (and whatever it starts) in a new session; on timeout, kill all of it, so that no
+    hung child outlives its test. Returns (returncode, stdout, stderr)."""
+    process = subprocess.Popen(command, cwd=HERE, env=subprocess_env(), text=True, start_new_session=True,
+                               stdin=subprocess.PIPE if input is not None else None,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = process.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"timed out after {timeout} s: {' '.join(command[:6])} ...\n{stderr[-3000:]}")
+    return process.returncode, stdout, stderr
+
+
 # Runs train.main once per JSON line on stdin, [fault or null, argv], each in a child forked from
-# this one process: the children share one import of torch and train (about 6 s each otherwise) and
-# each starts from the same freshly imported state, so each is a new training process as far as the
-# run folder is concerned. A fault, kind:n, makes the child SIGKILL itself at the n-th EMA update
-# (after the optimizer step, before the EMA), half-way through the n-th torch.save, just before the
-# n-th os.replace, or half-way through writing the n-th metrics line. Prints each child's wait status.
+# this one process: the children share one import of torch and train (about 6 s each otherwise). Each
+# reseeds Python's and numpy's global generators as a new process would; what stays shared is the
+# hash seed, so the test's reference run is a separate process. A fault, kind:n, makes the child
+# SIGKILL itself at the n-th EMA update (after the optimizer step, before the EMA), half-way through
+# the n-th torch.save, just before the n-th os.replace, or half-way through writing the n-th metrics
+# line. Prints each child's wait status, and stops at the first that is not the one expected.
 FORKED_TRAIN = r"""
-import json, os, signal, sys, torch, train
+import json, os, random, signal, sys, traceback
+import numpy as np, torch, train
 def install(kind, n):
     calls = {"count": 0}
     def due():
@@ -1381,36 +1398,41 @@ for line in sys.stdin:
     if pid == 0:
         code = 1
         try:
+            random.seed()
+            np.random.seed()
             if fault:
                 install(*fault.split(":"))
             train.main(argv)
             code = 0
         except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
+            code = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
+        except BaseException:
+            traceback.print_exc()
         finally:
             os._exit(code)
     status = os.waitpid(pid, 0)[1]
-    print(json.dumps({"fault": fault, "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                      "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}))
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    print(json.dumps({"fault": fault, "killed": killed, "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None}))
+    if killed != bool(fault):
+        break
 """
 
 
 def test_killed_at_six_points_and_resumed_ends_exactly_like_an_uninterrupted_run(tmp_path):
     args = FAST + ["--steps", "14", "--ckpt-every", "2"]
+    # the reference runs in a subprocess too: bitwise equality needs the same thread count everywhere
+    subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "reference")], cwd=HERE,
+                   env=subprocess_env(), capture_output=True, check=True, timeout=120)
     out = str(tmp_path / "killed")
     # in a resumed process, os.replace call 1 trims metrics.jsonl, 2 and 3 are the first save's two renames
     faults = ["step:3", "save:2", "replace:2", "replace:3", "metrics:3", "step:4"]
-    # the reference is a child of the same driver too: bitwise equality needs the same thread count
-    runs = [[None, args + ["--out", str(tmp_path / "reference")]]]
-    runs += [[fault, args + ["--out", out] + (["--resume"] if i else [])] for i, fault in enumerate(faults)]
+    runs = [[fault, args + ["--out", out] + (["--resume"] if i else [])] for i, fault in enumerate(faults)]
     runs += [[None, args + ["--out", out, "--resume"]]]
-    result = subprocess.run([sys.executable, "-c", FORKED_TRAIN], cwd=HERE, env=subprocess_env(), text=True,
-                            input="".join(json.dumps(run) + "\n" for run in runs), capture_output=True, timeout=300)
-    statuses = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"fault"')]
-    expected = [{"fault": None, "signal": None, "exit": 0}]
-    expected += [{"fault": fault, "signal": signal.SIGKILL, "exit": None} for fault in faults]
-    expected += [{"fault": None, "signal": None, "exit": 0}]
-    assert statuses == expected, result.stderr[-3000:]
+    _, stdout, stderr = run_in_own_session([sys.executable, "-c", FORKED_TRAIN], timeout=300,
+                                           input="".join(json.dumps(run) + "\n" for run in runs))
+    statuses = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"fault"')]
+    expected = [{"fault": fault, "killed": True, "exit": None} for fault in faults]
+    assert statuses == expected + [{"fault": None, "killed": False, "exit": 0}], stderr[-3000:]
     reference = torch.load(tmp_path / "reference" / "ckpt.pt", weights_only=True)
     final = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     for name in ("context_encoder", "target_encoder", "predictor"):
@@ -1439,16 +1461,16 @@ def torchrun(args, out):
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master-port={port}",
                "train.py", *args, "--out", str(out)]
-    result = subprocess.run(command, cwd=HERE, env=subprocess_env(), capture_output=True, text=True, timeout=180)
+    returncode, stdout, stderr = run_in_own_session(command, timeout=180)
     # Rarely (once in CI, before train.py put a barrier in front of destroy_process_group; never in 50
     # local runs), a rank aborted inside torch's gloo teardown after the run had finished and saved:
     # "terminate called without an active exception". That is torch's bug, not a wrong result; an
     # abort before "done:", or a Python traceback through train.py, still fails the test.
-    teardown_abort = ("done:" in result.stdout and "terminate called without an active exception" in result.stderr
-                      and 'train.py", line' not in result.stderr)
-    if result.returncode != 0 and teardown_abort:
+    teardown_abort = ("done:" in stdout and "terminate called without an active exception" in stderr
+                      and 'train.py", line' not in stderr)
+    if returncode != 0 and teardown_abort:
         warnings.warn("torchrun: a rank aborted in gloo's teardown after the run finished")
-    assert result.returncode == 0 or teardown_abort, result.stderr[-3000:]
+    assert returncode == 0 or teardown_abort, stderr[-3000:]
     return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
 
 

@@ -787,6 +787,11 @@ def train(cfg):
               f"unreadable images skipped; {graphs}checkpoint {ckpt_path}")
     if dist.is_initialized():
         dist.barrier()  # rank 0 was still plotting: tear gloo/NCCL down on all ranks together
+        # DDP's reducers must not hold the last reference to the process group: freed from there, gloo's
+        # destructor keeps the GIL while it joins gloo's threads, and one of those may need the GIL to
+        # free a finished collective's tensors. That deadlock hung a rank once in the test suite (torch
+        # 2.13, pytorch#56297). Freed by destroy_process_group, the group releases the GIL first.
+        del nets
         dist.destroy_process_group()
     return cfg.out
 
