@@ -400,7 +400,7 @@ def forward_loss(cfg, nets, images, step_masks, step, grid):
     if cfg.sigreg_on == "tokens":
         embeddings = context[context_valid]                                            # (sum K, D)
     else:
-        embeddings = (context * context_valid[..., None]).sum(1) / context_valid.sum(1, keepdim=True)  # (B, D)
+        embeddings = pool_tokens(context, context_valid)                               # (B, D)
     if not all_ranks_true(torch.isfinite(embeddings).all()):
         return None
     # The slices are drawn here, outside any compiled graph (a seeded CPU generator breaks a graph).
@@ -410,6 +410,13 @@ def forward_loss(cfg, nets, images, step_masks, step, grid):
     loss, l2, regularizer = jepa_loss(predictions, targets, target_valid, embeddings, cfg.lam,
                                       directions=directions)
     return loss, l2, regularizer, target_features.float().mean(1)
+
+
+def pool_tokens(tokens, valid):
+    """The mean of each image's real tokens: padding is selected away, never multiplied (0 * inf is NaN).
+    Shape: tokens (B, K, D), valid (B, K) -> (B, D)."""
+    kept = torch.where(valid[..., None], tokens, 0.0)                                   # (B, K, D)
+    return kept.sum(1) / valid.sum(1, keepdim=True)
 
 
 def all_ranks_true(flag):
