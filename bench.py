@@ -32,7 +32,7 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
 How to read it: absolute times on a shared machine mean little, ratios from one run do. On CPU keep
 torch's threads <= free cores (OMP_NUM_THREADS): oversubscribed cores stall PyTorch ops several-fold.
 A CPU without AVX-512 runs torch's bf16 matmuls on a generic kernel, hundreds of times slower than fp32
-(train.slow_cpu_bf16 times it): there the default measures fp32 alone, and an explicit bf16 is refused.
+(runs.slow_cpu_bf16 times it): there the default measures fp32 alone, and an explicit bf16 is refused.
 On CPU, memory is the process's peak RSS (torch's allocator is invisible to tracemalloc); it includes
 Python and torch themselves. torch.compile times are smaller when inductor's on-disk cache is warm.
 """
@@ -59,6 +59,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import masks
 import model
+import runs
 import train
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -658,7 +659,7 @@ def main():
     args = parse_args()
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     precisions = args.precision.split(",") if args.precision else ["fp32", "bf16"]
-    bf16_problem = device.type == "cpu" and "bf16" in precisions and train.slow_cpu_bf16()
+    bf16_problem = device.type == "cpu" and "bf16" in precisions and runs.slow_cpu_bf16()
     if bf16_problem and args.precision:
         raise SystemExit(f"bench.py: error: --precision {args.precision}: {bf16_problem}, so a bf16 step would "
                          f"take minutes; use --precision fp32 or leave it out")
@@ -670,7 +671,7 @@ def main():
         configs = [train.resolve(train.Config(model=name, img_size=img, patch_size=patch, batch_size=args.batch_size,
                                               precision=p, compile=c, device=device.type))
                    for name, img, patch in settings for p in precisions for c in compiles]
-    except train.UsageError as error:
+    except runs.UsageError as error:
         raise SystemExit(f"bench.py: error: {error}")
     ijepa = None
     if args.ijepa:  # checked before any measurement, so a wrong path fails at once
