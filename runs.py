@@ -1,11 +1,14 @@
 """Run plumbing for train.py and eval_probe.py: usage errors, devices, the data order that makes
 resume exact, DDP helpers, stop signals, checkpoints (atomic, CRC-checked, with a previous copy),
 resume bookkeeping, and the metrics file with its curve plot. None of it is the method."""
+import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +20,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+
+def mixed_seed(seed, *parts):
+    """One seed from `seed` and (value, count) parts, value < count: seed * count + value, part after
+    part. Distinct parts give distinct seeds, so masks, slices, crops and data order never share one."""
+    for value, count in parts:
+        seed = seed * count + value
+    return seed
+
 
 ARCHITECTURE = ("model", "img_size", "patch_size", "embed_dim", "depth", "num_heads", "pred_dim", "pred_depth",
                 "pred_heads")
@@ -69,11 +80,12 @@ class GlobalBatches(torch.utils.data.Sampler):
         return self.size // self.global_batch - self.start
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        epoch_seed = mixed_seed(self.seed, (self.epoch, 100_003))
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed))
         local = self.global_batch // self.world
         for i in range(self.start, self.size // self.global_batch):
             rows = order[i * self.global_batch + self.rank * local: i * self.global_batch + (self.rank + 1) * local]
-            yield [(int(index), (self.seed * 100_003 + self.epoch) * 10_000_019 + int(index)) for index in rows]
+            yield [(int(index), mixed_seed(epoch_seed, (int(index), 10_000_019))) for index in rows]
 
 
 def training_set(cfg, rank, world):
@@ -273,13 +285,18 @@ class Stop:
         return bool(flag)
 
     @classmethod
-    def install(cls):
-        """Returns the previous handlers, to put back when training ends."""
+    @contextlib.contextmanager
+    def handling(cls):
+        """Within the block, SIGINT and SIGTERM set the flag; the previous handlers come back after it."""
         cls.signal_number = None
         previous = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
         for number in previous:
             signal.signal(number, lambda n, frame: setattr(cls, "signal_number", n))
-        return previous
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
 
 
 def slow_cpu_bf16():
@@ -338,7 +355,8 @@ def open_run(cfg, rank):
     holds_a_run = os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path))
     if cfg.resume is None:
         if holds_a_run:
-            raise UsageError(f"{cfg.out} already holds a checkpoint: add --resume to continue it, or pick another --out")
+            raise UsageError(f"{cfg.out} already holds a checkpoint: add --resume to continue it, "
+                             f"or pick another --out")
         return None
     asked = os.path.join(cfg.resume, "ckpt.pt") if os.path.isdir(cfg.resume) else cfg.resume or ckpt_path
     if holds_a_run and os.path.dirname(os.path.abspath(asked)) != os.path.abspath(cfg.out):
@@ -377,16 +395,111 @@ def without_resume(argv):
     return kept
 
 
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands. Batches, not steps, place it in the data: a skipped non-finite step used one."""
+    step: int = 0
+    batches: int = 0
+    counters: dict = dataclasses.field(default_factory=lambda: {"skipped_images": 0, "skipped_steps": 0})
+    # not saved: a resumed run starts a new row of non-finite steps and a new img/s measurement
+    bad_in_row: int = 0
+    clock: float = 0.0
+    images_seen: int = 0
+
+
+def process_device(cfg, rank):
+    """This process's device (cuda:LOCAL_RANK under torchrun); warns when this CPU's bf16 is slow."""
+    device = torch.device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if cfg.device == "cuda" else None)
+    if cfg.device == "cuda":
+        torch.set_float32_matmul_precision("high")
+    if cfg.device == "cpu" and cfg.precision == "bf16" and rank == 0 and (problem := slow_cpu_bf16()):
+        print(f"train.py: warning: {problem}: --precision fp32 will train much faster", file=sys.stderr)
+    return device
+
+
+def restore(checkpoint, state, total, out, rank):
+    """The Progress of a resumed run, after loading `state` (name -> module or optimizer) and the CPU
+    generator from `checkpoint`; a fresh run (checkpoint None) starts at 0. On rank 0, metrics.jsonl
+    keeps the rows up to the checkpoint's step, so the file equals an uninterrupted run's."""
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if checkpoint is None:
+        if rank == 0 and os.path.exists(metrics_path):
+            os.remove(metrics_path)  # left by a run killed before its first checkpoint
+        return Progress()
+    for name, module in state.items():
+        module.load_state_dict(checkpoint[name])
+    progress = Progress(checkpoint["step"], checkpoint["batches"], checkpoint["counters"])
+    if progress.step > total:
+        raise UsageError(f"the checkpoint is at step {progress.step}, but this run has only {total} steps: "
+                         f"raise --steps or --epochs")
+    torch.set_rng_state(checkpoint["rng"])
+    if rank == 0:
+        trim_metrics(metrics_path, progress.step)
+    return progress
+
+
+def save_run(cfg, state, progress, rank, world):
+    """Rank 0 writes OUT/ckpt.pt; the others wait for it."""
+    if rank == 0:
+        save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), {
+            "config": dataclasses.asdict(cfg), "git_commit": git_commit(), "step": progress.step,
+            "batches": progress.batches, "counters": dict(progress.counters),
+            **{name: module.state_dict() for name, module in state.items()},
+            "rng": torch.get_rng_state(), "torch_version": str(torch.__version__)})
+    if world > 1:
+        dist.barrier()
+
+
+def announce(cfg, images, steps_per_epoch, total, sizes, device, world):
+    """OUT/config.json, and what is about to run. sizes: parameters of encoder and predictor."""
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    print(f"{images} images, {steps_per_epoch} steps/epoch, {total} steps; encoder {sizes[0] / 1e6:.2f}M, "
+          f"predictor {sizes[1] / 1e6:.2f}M params; device {device}, {world} process(es)")
+    if cfg.compile and cfg.device == "cpu":
+        print("--compile: the first steps compile the graphs, minutes on a CPU; inductor's disk cache "
+              "makes later runs start faster")
+
+
+def finish(cfg, progress, total, rank):
+    """Exit 128 + n after signal n (saying how to resume), else plot the curves and report."""
+    ckpt_path = os.path.join(cfg.out, "ckpt.pt")
+    if Stop.signal_number is not None and progress.step < total:  # a signal during the last step stops nothing
+        if rank == 0:
+            print(f"stopped by signal {Stop.signal_number} at step {progress.step}; checkpoint saved to "
+                  f"{ckpt_path}. Resume with: python train.py {shlex.join(without_resume(sys.argv[1:]))} --resume",
+                  file=sys.stderr)
+        sys.exit(128 + Stop.signal_number)
+    if rank == 0:
+        plot_curves(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))
+        graphs = f"{torch._dynamo.utils.counters['stats']['unique_graphs']} compiled graphs; " if cfg.compile else ""
+        print(f"done: {progress.step} steps, {progress.counters['skipped_steps']} skipped steps, "
+              f"{progress.counters['skipped_images']} unreadable images skipped; {graphs}checkpoint {ckpt_path}")
+
+
+def teardown():
+    """End the process group on all ranks together. The caller first drops its DDP wrappers: DDP's
+    reducers must not hold the last reference to the process group, as gloo's destructor keeps the
+    GIL while it joins gloo's threads, and one of those may need the GIL to free a finished
+    collective's tensors (pytorch#56297). Freed by destroy_process_group, the group releases the GIL first."""
+    if dist.is_initialized():
+        dist.barrier()  # rank 0 was still plotting
+        dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------- metrics
 
 def log_row(step, epoch, out, schedule, img_per_s, counters):
     """One metrics.jsonl row; loss terms are averaged over processes."""
-    loss, l2, regularizer = mean_over_ranks(torch.stack([t.detach().float() for t in out[:3]])).tolist()
-    std, effective_rank = feature_health(out[3])
+    terms = torch.stack([t.detach().float() for t in (out.loss, out.l2, out.sigreg)])
+    loss, l2, regularizer = mean_over_ranks(terms).tolist()
+    std, effective_rank = feature_health(out.pooled_targets)
     lr, weight_decay, momentum = schedule
     return {"step": step, "epoch": epoch, "loss": loss, "l2": l2, "sigreg": regularizer, "lr": lr,
-            "weight_decay": weight_decay, "momentum": momentum, "grad_norm": out[4].item(), "img_per_s": img_per_s,
-            "feature_std": std, "effective_rank": effective_rank, **counters}
+            "weight_decay": weight_decay, "momentum": momentum, "grad_norm": out.grad_norm.item(),
+            "img_per_s": img_per_s, "feature_std": std, "effective_rank": effective_rank, **counters}
 
 
 def log_step(step, epoch, out, schedule, img_per_s, counters, bar, metrics_path):
@@ -399,8 +512,8 @@ def log_step(step, epoch, out, schedule, img_per_s, counters, bar, metrics_path)
     write_row(metrics_path, row)
     # The effective rank of B pooled features is at most B - 1: a rank below 2 says collapse only
     # where the batch allows at least 4.
-    batch = out[3].shape[0]
-    if row["feature_std"] < 1e-3 or (row["effective_rank"] < 2 and min(batch - 1, out[3].shape[1]) >= 4):
+    batch, width = out.pooled_targets.shape
+    if row["feature_std"] < 1e-3 or (row["effective_rank"] < 2 and min(batch - 1, width) >= 4):
         tqdm.write(f"warning: target features look collapsed at step {step} (std {row['feature_std']:.2e}, "
                    f"effective rank {row['effective_rank']:.2f}); raise --lam")
 

@@ -19,17 +19,15 @@ import argparse
 import copy
 import dataclasses
 import functools
-import json
 import math
 import os
-import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -270,10 +268,25 @@ def ema_update(target_encoder, context_encoder, momentum):
 
 # ----------------------------------------------------------------------------- one training step
 
+class Loss(NamedTuple):
+    loss: torch.Tensor
+    l2: torch.Tensor
+    sigreg: torch.Tensor
+    pooled_targets: torch.Tensor       # (B, D) target features averaged over patches, for the health metrics
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor
+    l2: torch.Tensor
+    sigreg: torch.Tensor
+    pooled_targets: torch.Tensor
+    grad_norm: torch.Tensor            # before clipping
+
+
 def step_generator(cfg, step, salt):
-    """A CPU generator seeded by (seed, step): masks and SIGReg slices are the same on every rank
-    and after a resume."""
-    return torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 4 + salt)
+    """A CPU generator seeded by (seed, step, salt): masks (salt 0) and SIGReg slices (salt 1) are the
+    same on every rank and after a resume."""
+    return torch.Generator().manual_seed(runs.mixed_seed(cfg.seed, (step, 1_000_003), (salt, 4)))
 
 
 def sample_step_masks(cfg, step, grid, rank, world, device):
@@ -290,17 +303,25 @@ def sample_step_masks(cfg, step, grid, rank, world, device):
     return [t.to(device, non_blocking=True) for t in (context_idx, context_valid, target_idx, target_valid)]
 
 
-# Under --compile the loss is compiled too, so that SIGReg's S x M x J cosines and sines, their sums
-# and the L2 error run in inductor's fused kernels rather than one eager op each: the compiled bf16
-# step of the tiny preset ran 1.11x faster for it (README, Performance). Wrapped on first use, as
-# creating the wrapper imports inductor (about 1.6 s): an eager run or `--help` does not pay it.
+def batch_images(cfg, images, step, rank, world, device):
+    """The loader's batch on the device, normalised; with --cache, cropped and flipped there first."""
+    images = images.to(device, non_blocking=True)                                       # uint8 travels
+    if cfg.cache:
+        crops = torch.Generator(device).manual_seed(runs.mixed_seed(cfg.seed, (step, 1_000_003), (rank, world)))
+        images = data.random_resized_crop_flip(images, cfg.img_size, generator=crops)
+    return data.normalize(images)                                                       # (B, 3, H, W)
+
+
+# Under --compile the loss is compiled too, so that SIGReg's cosines and sines, their sums and the L2
+# error run in inductor's fused kernels rather than one eager op each. Wrapped on first use, as
+# creating the wrapper imports inductor: an eager run or `--help` does not pay for it.
 @functools.cache
 def compiled_jepa_loss():
     return torch.compile(losses.jepa_loss)
 
 
 def forward_loss(cfg, nets, images, step_masks, step, grid):
-    """Steps 2-4 of the module docstring. Returns (loss, l2, sigreg, pooled target features)."""
+    """Steps 2-4 of the module docstring: a Loss, or None when the context embeddings are not finite."""
     context_encoder, predictor, target_encoder = nets
     context_idx, context_valid, target_idx, target_valid = step_masks
     autocast = torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -320,22 +341,22 @@ def forward_loss(cfg, nets, images, step_masks, step, grid):
         return None
     # The slices are drawn here, outside any compiled graph (a seeded CPU generator breaks a graph).
     directions = losses.slice_directions(embeddings.shape[1], cfg.num_slices, step_generator(cfg, step, 1),
-                                         embeddings.device)                                   # (D, M)
+                                         embeddings.device)                                   # (D, L)
     jepa_loss = compiled_jepa_loss() if cfg.compile else losses.jepa_loss
     loss, l2, regularizer = jepa_loss(predictions, targets, target_valid, embeddings, cfg.lam,
                                       directions=directions)
-    return loss, l2, regularizer, target_features.float().mean(1)
+    return Loss(loss, l2, regularizer, target_features.float().mean(1))               # pooled: (B, D)
 
 
 def train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, momentum):
-    """Steps 2-5 of the module docstring. Returns (loss, l2, sigreg, pooled target features,
-    grad norm), or None when a NaN/Inf appeared: then nothing is updated, weights nor EMA."""
+    """Steps 2-5 of the module docstring: a StepResult, or None when a NaN/Inf appeared: then
+    nothing is updated, weights nor EMA."""
     context_encoder, predictor, target_encoder = (unwrap(m) for m in nets)
     out = forward_loss(cfg, nets, images, step_masks, step, grid)
     if out is not None:
-        out[0].backward()
+        out.loss.backward()
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if out is None or not runs.all_ranks_true(torch.isfinite(out[0]) & torch.isfinite(grad_norm)):
+    if out is None or not runs.all_ranks_true(torch.isfinite(out.loss) & torch.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return None
     if cfg.clip_grad is not None:
@@ -343,7 +364,7 @@ def train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, mom
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     ema_update(target_encoder, context_encoder, momentum)
-    return (*out, grad_norm)
+    return StepResult(*out, grad_norm)
 
 
 def unwrap(module):
@@ -352,132 +373,79 @@ def unwrap(module):
     return getattr(module, "module", module)
 
 
+# ----------------------------------------------------------------------------- the run
+
 def train(cfg):
     """Run the training described by `cfg` (already resolved). Returns the output folder."""
     rank, world = runs.setup_distributed(cfg)
-    device = torch.device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")) if cfg.device == "cuda" else None)
-    if cfg.device == "cuda":
-        torch.set_float32_matmul_precision("high")
-    if cfg.device == "cpu" and cfg.precision == "bf16" and rank == 0 and (problem := runs.slow_cpu_bf16()):
-        print(f"train.py: warning: {problem}: --precision fp32 will train much faster", file=sys.stderr)
-    ckpt_path, metrics_path = os.path.join(cfg.out, "ckpt.pt"), os.path.join(cfg.out, "metrics.jsonl")
+    device = runs.process_device(cfg, rank)
     checkpoint = runs.open_run(cfg, rank)
     dataset = runs.training_set(cfg, rank, world)
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch == 0:
         raise runs.UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training images")
     total = cfg.steps or cfg.epochs * steps_per_epoch
-    grid = (cfg.img_size // cfg.patch_size,) * 2
-
     context_encoder, predictor, target_encoder = (m.to(device) for m in build_models(cfg))
-    optimizer = build_optimizer(cfg, context_encoder, predictor)
-    step, batches, counters = 0, 0, {"skipped_images": 0, "skipped_steps": 0}
-    if checkpoint is not None:
-        for name, module in [("context_encoder", context_encoder), ("predictor", predictor),
-                             ("target_encoder", target_encoder), ("optimizer", optimizer)]:
-            module.load_state_dict(checkpoint[name])
-        step, batches, counters = checkpoint["step"], checkpoint["batches"], checkpoint["counters"]
-        if step > total:
-            raise runs.UsageError(f"the checkpoint is at step {step}, but this run has only {total} steps: "
-                             f"raise --steps or --epochs")
-        torch.set_rng_state(checkpoint["rng"])
-    if rank == 0 and checkpoint is not None:
-        runs.trim_metrics(metrics_path, step)
-    elif rank == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # left by a run killed before its first checkpoint
+    state = {"context_encoder": context_encoder, "predictor": predictor, "target_encoder": target_encoder,
+             "optimizer": build_optimizer(cfg, context_encoder, predictor)}
+    progress = runs.restore(checkpoint, state, total, cfg.out, rank)
     nets = [DistributedDataParallel(m) if world > 1 else m for m in (context_encoder, predictor)] + [target_encoder]
     nets = [torch.compile(m) for m in nets] if cfg.compile else nets
-    params = [p for m in (context_encoder, predictor) for p in m.parameters()]
     if rank == 0:
-        with open(os.path.join(cfg.out, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=2)
-        print("config:", json.dumps(asdict(cfg)))
-        print(f"{len(dataset)} images, {steps_per_epoch} steps/epoch, {total} steps; encoder "
-              f"{model.count_params(context_encoder) / 1e6:.2f}M, predictor {model.count_params(predictor) / 1e6:.2f}M "
-              f"params; device {device}, {world} process(es)")
-        if cfg.compile and cfg.device == "cpu":  # cold, the tiny preset's first two steps took 190 s and 140 s (README)
-            print("--compile: the first steps compile the graphs, minutes on a CPU; inductor's disk cache "
-                  "makes later runs start faster")
-
-    def save():
-        if rank == 0:
-            runs.save_checkpoint(ckpt_path, {
-                "config": asdict(cfg), "git_commit": runs.git_commit(), "step": step, "batches": batches,
-                "counters": dict(counters),
-                "context_encoder": context_encoder.state_dict(), "predictor": predictor.state_dict(),
-                "target_encoder": target_encoder.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "torch_version": str(torch.__version__)})
-        if world > 1:
-            dist.barrier()
-
-    previous_handlers = runs.Stop.install()
-    bar = tqdm(total=total, initial=step, disable=rank != 0, dynamic_ncols=True)
-    bad_in_row, clock, images_seen = 0, time.perf_counter(), 0
-    try:
-        while step < total and not runs.Stop.requested(device):
-            # Batches, not steps, place us in the data: a skipped non-finite step still used one.
-            epoch, start = divmod(batches, steps_per_epoch)
-            for images, _, skipped in runs.epoch_loader(cfg, dataset, rank, world, epoch, start):
-                batches += 1
-                counters["skipped_images"] += runs.sum_over_ranks(int(skipped.sum()), device)  # each loads its rows
-                lr, weight_decay, momentum = schedules(cfg, step, total)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.param_groups[0]["weight_decay"] = weight_decay
-                images = images.to(device, non_blocking=True)                               # uint8 travels
-                if cfg.cache:
-                    crops = torch.Generator(device).manual_seed((cfg.seed * 1_000_003 + step) * world + rank)
-                    images = data.random_resized_crop_flip(images, cfg.img_size, generator=crops)
-                images = data.normalize(images)                                             # (B, 3, H, W)
-                step_masks = sample_step_masks(cfg, step, grid, rank, world, device)
-                out = train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, momentum)
-                if out is None:
-                    counters["skipped_steps"] += 1
-                    bad_in_row += 1
-                    if bad_in_row >= cfg.max_bad_steps:
-                        save()
-                        raise FloatingPointError(
-                            f"{bad_in_row} non-finite steps in a row at step {step}: lower --lr, try --precision "
-                            f"fp32, or check the data; the last good state is in {ckpt_path}")
-                else:
-                    bad_in_row = 0
-                    step += 1
-                    bar.update(1)
-                    images_seen += images.shape[0] * world
-                    if step % cfg.log_every == 0 or step == total:
-                        img_per_s = images_seen / (time.perf_counter() - clock)
-                        runs.log_step(step, epoch, out, (lr, weight_decay, momentum), img_per_s, counters, bar,
-                                 metrics_path if rank == 0 else None)
-                        clock, images_seen = time.perf_counter(), 0
-                stop = runs.Stop.requested(device)  # also during a run of skipped steps
-                if stop or (out is not None and (step % cfg.ckpt_every == 0 or step == total)):
-                    save()
-                if step == total or stop:
-                    break
-    finally:
-        bar.close()
-        for number, handler in previous_handlers.items():
-            signal.signal(number, handler)
-    if runs.Stop.signal_number is not None and step < total:  # a signal during the last step stops nothing
-        if rank == 0:
-            print(f"stopped by signal {runs.Stop.signal_number} at step {step}; checkpoint saved to {ckpt_path}. "
-                  f"Resume with: python train.py {shlex.join(runs.without_resume(sys.argv[1:]))} --resume",
-                  file=sys.stderr)
-        sys.exit(128 + runs.Stop.signal_number)
-    if rank == 0:
-        runs.plot_curves(metrics_path, os.path.join(cfg.out, "curves.png"))
-        graphs = f"{torch._dynamo.utils.counters['stats']['unique_graphs']} compiled graphs; " if cfg.compile else ""
-        print(f"done: {step} steps, {counters['skipped_steps']} skipped steps, {counters['skipped_images']} "
-              f"unreadable images skipped; {graphs}checkpoint {ckpt_path}")
-    if dist.is_initialized():
-        dist.barrier()  # rank 0 was still plotting: tear gloo/NCCL down on all ranks together
-        # DDP's reducers must not hold the last reference to the process group: freed from there, gloo's
-        # destructor keeps the GIL while it joins gloo's threads, and one of those may need the GIL to
-        # free a finished collective's tensors. That deadlock hung a rank once in the test suite (torch
-        # 2.13, pytorch#56297). Freed by destroy_process_group, the group releases the GIL first.
-        del nets
-        dist.destroy_process_group()
+        sizes = [model.count_params(m) for m in (context_encoder, predictor)]
+        runs.announce(cfg, len(dataset), steps_per_epoch, total, sizes, device, world)
+    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True)
+    progress.clock = time.perf_counter()
+    with runs.Stop.handling(), bar:
+        while progress.step < total and not runs.Stop.requested(device):
+            epoch, start = divmod(progress.batches, steps_per_epoch)
+            loader = runs.epoch_loader(cfg, dataset, rank, world, epoch, start)
+            if train_epoch(cfg, nets, state, loader, progress, epoch, total, (rank, world, device), bar):
+                break
+    runs.finish(cfg, progress, total, rank)
+    del nets  # see runs.teardown
+    runs.teardown()
     return cfg.out
+
+
+def train_epoch(cfg, nets, state, loader, progress, epoch, total, where, bar):
+    """Steps over the loader's batches; True when the run should end (last step or a stop signal)."""
+    rank, world, device = where
+    optimizer, grid = state["optimizer"], (cfg.img_size // cfg.patch_size,) * 2
+    params = [p for name in ("context_encoder", "predictor") for p in state[name].parameters()]
+    for images, _, skipped in loader:
+        progress.batches += 1
+        progress.counters["skipped_images"] += runs.sum_over_ranks(int(skipped.sum()), device)  # each loads its rows
+        lr, weight_decay, momentum = schedule = schedules(cfg, progress.step, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.param_groups[0]["weight_decay"] = weight_decay
+        images = batch_images(cfg, images, progress.step, rank, world, device)                # (B, 3, H, W)
+        step_masks = sample_step_masks(cfg, progress.step, grid, rank, world, device)
+        out = train_step(cfg, nets, optimizer, params, images, step_masks, progress.step, grid, momentum)
+        if out is None:
+            progress.counters["skipped_steps"] += 1
+            progress.bad_in_row += 1
+            if progress.bad_in_row >= cfg.max_bad_steps:
+                runs.save_run(cfg, state, progress, rank, world)
+                raise FloatingPointError(
+                    f"{progress.bad_in_row} non-finite steps in a row at step {progress.step}: lower --lr, try "
+                    f"--precision fp32, or check the data; the last good state is in {cfg.out}/ckpt.pt")
+        else:
+            progress.bad_in_row, progress.step = 0, progress.step + 1
+            bar.update(1)
+            progress.images_seen += images.shape[0] * world
+            if progress.step % cfg.log_every == 0 or progress.step == total:
+                img_per_s = progress.images_seen / (time.perf_counter() - progress.clock)
+                runs.log_step(progress.step, epoch, out, schedule, img_per_s, progress.counters, bar,
+                              os.path.join(cfg.out, "metrics.jsonl") if rank == 0 else None)
+                progress.clock, progress.images_seen = time.perf_counter(), 0
+        stop = runs.Stop.requested(device)  # also during a run of skipped steps
+        if stop or (out is not None and (progress.step % cfg.ckpt_every == 0 or progress.step == total)):
+            runs.save_run(cfg, state, progress, rank, world)
+        if progress.step == total or stop:
+            return True
+    return False
 
 
 def main(argv=None):
