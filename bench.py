@@ -62,6 +62,7 @@ import model
 import runs
 import train
 
+SIZES = ("embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRESET_SETTINGS = [("tiny", 224, 16), ("small", 224, 16), ("base", 224, 16)]
 
@@ -454,7 +455,7 @@ def bench_official(ijepa, cfgs, steps, ours_rows):
     cfg = dataclasses.replace(cfgs[0], compile=False)
     print(f"  measuring the official I-JEPA step, {label(vars(cfg))} ...", flush=True)
     device, warmup = torch.device(cfg.device), WARMUP_STEPS
-    sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in train.SIZES})
+    sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in SIZES})
     collator = official_collator(ijepa, cfg, batches=warmup + steps)
     torch.manual_seed(cfg.seed)  # their init and their block positions use torch's global generator
     # Built by their helper.init_model, but with OUR preset's predictor width and depth (their configs

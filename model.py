@@ -43,13 +43,18 @@ def sincos_pos_embed(h, w, dim, device=None):
     Computed for any grid, so a model trained at one resolution runs at another.
     Shape: returns (h * w, dim), row-major like the patches.
     """
-    if dim % 4:
-        raise ValueError(f"width {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
+    check_width(dim)
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, device=device) / (dim // 4))         # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     angles_r = rows.flatten()[:, None] * freqs                                            # (N, dim/4)
     angles_c = cols.flatten()[:, None] * freqs
     return torch.cat([angles_r.sin(), angles_r.cos(), angles_c.sin(), angles_c.cos()], 1)   # (N, dim)
+
+
+def check_width(dim):
+    """The 2-D sin-cos embedding splits the width in four: row and column, each sin and cos."""
+    if dim % 4:
+        raise ValueError(f"width {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
 
 
 class TokenLayout:
@@ -194,6 +199,7 @@ class Encoder(nn.Module):
 
     def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, in_chans=3):
         super().__init__()
+        check_width(embed_dim)
         self.patch_size, self.embed_dim = patch_size, embed_dim
         self.mlp_ratio = mlp_ratio
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -243,6 +249,7 @@ class Predictor(nn.Module):
 
     def __init__(self, embed_dim=384, pred_dim=192, depth=6, num_heads=6, mlp_ratio=4.0):
         super().__init__()
+        check_width(pred_dim)
         self.pred_dim, self.mlp_ratio = pred_dim, mlp_ratio
         self.embed = nn.Linear(embed_dim, pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(pred_dim))
@@ -287,10 +294,10 @@ def preset(name, **overrides):
 
 def build_encoder(name, img_size, patch_size, embed_dim=None, depth=None, num_heads=None):
     """An Encoder of preset `name`; raises ValueError if img_size is not a multiple of patch_size."""
-    if img_size % patch_size:
-        raise ValueError(f"--img-size {img_size} is not divisible by --patch-size {patch_size}")
     sizes = preset(name, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
-    return Encoder(patch_size, sizes["embed_dim"], sizes["depth"], sizes["num_heads"])
+    encoder = Encoder(patch_size, sizes["embed_dim"], sizes["depth"], sizes["num_heads"])
+    encoder.grid(img_size, img_size)
+    return encoder
 
 
 def build_predictor(name, embed_dim=None, pred_dim=None, pred_depth=None, pred_heads=None):

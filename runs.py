@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import pickle
 import shlex
@@ -43,6 +44,54 @@ def exit_usage(message, program="train.py"):
     sys.exit(2)
 
 
+
+
+def pick_device(name):
+    """The named device, or for "auto" the first of cuda, mps, cpu that this machine has."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(device for device, present in available.items() if present)
+    if name not in available:
+        raise UsageError(f"--device must be auto, cpu, cuda or mps, got '{name}'")
+    if not available[name]:
+        raise UsageError(f"--device {name}: no such device on this machine; use --device cpu")
+    return name
+
+
+def default_workers(device):
+    """DataLoader processes: none on a CPU, where they would take the cores the model needs."""
+    return 0 if device == "cpu" else min(8, os.cpu_count() or 1)
+
+
+POSITIVE = ("img_size", "patch_size", "batch_size", "epochs", "num_slices", "ckpt_every", "log_every", "clip_grad",
+            "max_bad_steps", "embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads", "steps")
+
+
+def check_values(cfg):
+    """The ranges of train.py's flags; the sizes of model and masks are checked by model.py and masks.py."""
+    if not cfg.batch_size >= 2:     # `not >=` also catches NaN
+        raise UsageError(f"--batch-size must be at least 2 (SIGReg and the feature statistics compare images), "
+                         f"got {cfg.batch_size}")
+    for name in POSITIVE:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:                      # `not > 0` also catches NaN
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    checks = [
+        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
+        (0 < cfg.lr < math.inf and 0 <= cfg.min_lr < math.inf,
+         f"--lr must be positive and --min-lr >= 0, both finite, got {cfg.lr}, {cfg.min_lr}"),
+        (0 <= cfg.lam <= 1, f"--lam must lie in [0, 1], got {cfg.lam}"),
+        (0 <= cfg.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {cfg.warmup}"),
+        (0 <= cfg.ema <= cfg.ema_end <= 1, f"need 0 <= --ema <= --ema-end <= 1, got {cfg.ema}, {cfg.ema_end}"),
+        (0 <= cfg.weight_decay < math.inf and 0 <= cfg.weight_decay_end < math.inf,
+         "--weight-decay and --weight-decay-end must be finite and >= 0"),
+        (cfg.data_dir is None or cfg.data != "synthetic", "--data-dir is not used with --data synthetic: drop it"),
+        (cfg.precision in ("bf16", "fp32"), f"--precision must be bf16 or fp32, got '{cfg.precision}'"),
+        (cfg.sigreg_on in ("tokens", "pooled"), f"--sigreg-on must be tokens or pooled, got '{cfg.sigreg_on}'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
 
 # ----------------------------------------------------------------------------- data
 

@@ -60,7 +60,6 @@ DATASET_DEFAULTS = {
 CPU_RECIPES = {
     "cifar10": dict(model="nano", batch_size=64, steps=3200, lr=2e-3, ema=0.99, ema_end=0.99, measured=True),
 }
-SIZES = ("embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads")
 
 
 @dataclass
@@ -163,54 +162,18 @@ def recipe(cfg):
 
 def resolve(cfg):
     """Fill the None fields from the dataset and device defaults, then check every value."""
-    if cfg.device == "auto":
-        cfg = dataclasses.replace(cfg, device="cuda" if torch.cuda.is_available()
-                                  else "mps" if torch.backends.mps.is_available() else "cpu")
+    cfg = dataclasses.replace(cfg, device=runs.pick_device(cfg.device))
     defaults = {k: v for k, v in recipe(cfg).items() if k != "measured"}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-    if cfg.workers is None:  # on a CPU, loader processes would take the cores the model needs
-        cfg.workers = min(8, os.cpu_count() or 1) if cfg.device != "cpu" else 0
+    if cfg.workers is None:
+        cfg.workers = runs.default_workers(cfg.device)
     if cfg.precision is None:
         cfg.precision = "bf16" if cfg.device == "cuda" else "fp32"
-    if not cfg.batch_size >= 2:     # `not >=` also catches NaN
-        raise runs.UsageError(f"--batch-size must be at least 2 (SIGReg and the feature statistics compare images), "
-                         f"got {cfg.batch_size}")
-    for name in ("img_size", "patch_size", "batch_size", "epochs", "num_slices", "ckpt_every", "log_every", "clip_grad",
-                 "max_bad_steps", "embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads", "steps"):
-        value = getattr(cfg, name)
-        if value is not None and not value > 0:                      # `not > 0` also catches NaN
-            raise runs.UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    checks = [
-        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
-        (0 < cfg.lr < math.inf and 0 <= cfg.min_lr < math.inf,
-         f"--lr must be positive and --min-lr >= 0, both finite, got {cfg.lr}, {cfg.min_lr}"),
-        (0 <= cfg.lam <= 1, f"--lam must lie in [0, 1], got {cfg.lam}"),
-        (0 <= cfg.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {cfg.warmup}"),
-        (0 <= cfg.ema <= cfg.ema_end <= 1, f"need 0 <= --ema <= --ema-end <= 1, got {cfg.ema}, {cfg.ema_end}"),
-        (0 <= cfg.weight_decay < math.inf and 0 <= cfg.weight_decay_end < math.inf,
-         "--weight-decay and --weight-decay-end must be finite and >= 0"),
-        (cfg.data_dir is None or cfg.data != "synthetic", "--data-dir is not used with --data synthetic: drop it"),
-        (cfg.precision in ("bf16", "fp32"), f"--precision must be bf16 or fp32, got '{cfg.precision}'"),
-        (cfg.sigreg_on in ("tokens", "pooled"), f"--sigreg-on must be tokens or pooled, got '{cfg.sigreg_on}'"),
-        (cfg.device in ("cpu", "cuda", "mps"), f"--device must be auto, cpu, cuda or mps, got '{cfg.device}'"),
-        (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda: no CUDA device here; use --device cpu"),
-        (cfg.device != "mps" or torch.backends.mps.is_available(), "--device mps: no MPS device here"),
-        (cfg.model in model.PRESETS, f"unknown --model '{cfg.model}': choose one of {', '.join(model.PRESETS)}"),
-        (cfg.img_size % cfg.patch_size == 0,
-         f"--img-size {cfg.img_size} is not divisible by --patch-size {cfg.patch_size}: change one of them"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise runs.UsageError(message)
-    sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in SIZES})
-    for width, heads in (("embed_dim", "num_heads"), ("pred_dim", "pred_heads")):
-        if sizes[width] % sizes[heads] or sizes[width] % 4:
-            raise runs.UsageError(f"--{width.replace('_', '-')} {sizes[width]} must be divisible by 4 and by "
-                             f"--{heads.replace('_', '-')} {sizes[heads]}")
-    try:
-        masks.check_config((cfg.img_size // cfg.patch_size,) * 2, masks.MaskConfig())
-    except ValueError as error:
-        raise runs.UsageError(f"--img-size {cfg.img_size} / --patch-size {cfg.patch_size}: {error}") from None
+    runs.check_values(cfg)
+    with torch.device("meta"):  # model.py and masks.py check their own rules; meta tensors cost no memory
+        encoder = model.build_encoder(cfg.model, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads)
+        model.build_predictor(cfg.model, encoder.embed_dim, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads)
+    masks.check_config((cfg.img_size // cfg.patch_size,) * 2, masks.MaskConfig())
     return cfg
 
 
@@ -453,7 +416,7 @@ def main(argv=None):
     try:
         cfg = resolve(Config(**vars(args)))
         train(cfg)
-    except (runs.UsageError, data.DataError) as error:
+    except (ValueError, data.DataError) as error:  # a runs.UsageError is a ValueError
         # An error raised in a DataLoader worker arrives wrapped: its own message is the last line.
         runs.exit_usage(str(error).strip().splitlines()[-1].removeprefix("data.DataError: "))
     except FloatingPointError as error:
