@@ -1,6 +1,7 @@
 """Run plumbing for train.py and eval_probe.py: usage errors, devices, the data order that makes
 resume exact, DDP helpers, stop signals, checkpoints (atomic, CRC-checked, with a previous copy),
 resume bookkeeping, and the metrics file with its curve plot. None of it is the method."""
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -61,6 +62,28 @@ def pick_device(name):
 def default_workers(device):
     """DataLoader processes: none on a CPU, where they would take the cores the model needs."""
     return 0 if device == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def config_parser(config, none_means, epilog):
+    """A command line with one flag per field of the dataclass `config`; none_means[name] says what a
+    None default stands for (else "the dataset's or preset's default")."""
+    parser = argparse.ArgumentParser(description="Train an image JEPA; every flag is a field of Config.",
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    for field in dataclasses.fields(config):
+        flag = "--" + field.name.replace("_", "-")
+        kind = field.type
+        meaning = none_means.get(field.name, "the dataset's or preset's default")
+        shown = meaning if field.default is None else field.default
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        elif field.name == "resume":
+            parser.add_argument(flag, nargs="?", const="", default=None, metavar="PATH",
+                                help="continue OUT/ckpt.pt, or the checkpoint PATH")
+        else:
+            parser.add_argument(flag, type=kind, default=field.default, help=f"default: {shown}")
+    parser.error = exit_usage
+    return parser
 
 
 POSITIVE = ("img_size", "patch_size", "batch_size", "epochs", "num_slices", "ckpt_every", "log_every", "clip_grad",
@@ -137,6 +160,15 @@ class GlobalBatches(torch.utils.data.Sampler):
             yield [(int(index), mixed_seed(epoch_seed, (int(index), 10_000_019))) for index in rows]
 
 
+def device_batch(cfg, images, step, rank, world, device):
+    """The loader's batch on the device, normalised; with --cache, cropped and flipped there first."""
+    images = images.to(device, non_blocking=True)                                       # uint8 travels
+    if cfg.cache:
+        crops = torch.Generator(device).manual_seed(mixed_seed(cfg.seed, (step, 1_000_003), (rank, world)))
+        images = data.random_resized_crop_flip(images, cfg.img_size, generator=crops)
+    return data.normalize(images)                                                       # (B, 3, H, W)
+
+
 def training_set(cfg, rank, world):
     """The augmented training images; with --cache, decoded squares of side img_size / 0.875 read
     from a memmap in OUT/../cache (built once, by rank 0), to be cropped and flipped on the device."""
@@ -165,6 +197,12 @@ def epoch_loader(cfg, dataset, rank, world, epoch, start):
 
 
 # ----------------------------------------------------------------------------- processes
+
+def unwrap(module):
+    """The plain module under torch.compile and DDP wrappers."""
+    module = getattr(module, "_orig_mod", module)
+    return getattr(module, "module", module)
+
 
 def all_ranks_true(flag):
     """One host sync: True only if `flag` holds on every process."""
@@ -512,6 +550,17 @@ def announce(cfg, images, steps_per_epoch, total, sizes, device, world):
               "makes later runs start faster")
 
 
+def skipped_step(cfg, state, progress, rank, world):
+    """Counts a non-finite step; the --max-bad-steps-th in a row saves and stops the run."""
+    progress.counters["skipped_steps"] += 1
+    progress.bad_in_row += 1
+    if progress.bad_in_row >= cfg.max_bad_steps:
+        save_run(cfg, state, progress, rank, world)
+        raise FloatingPointError(
+            f"{progress.bad_in_row} non-finite steps in a row at step {progress.step}: lower --lr, try "
+            f"--precision fp32, or check the data; the last good state is in {cfg.out}/ckpt.pt")
+
+
 def finish(cfg, progress, total, rank):
     """Exit 128 + n after signal n (saying how to resume), else plot the curves and report."""
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
@@ -551,20 +600,21 @@ def log_row(step, epoch, out, schedule, img_per_s, counters):
             "img_per_s": img_per_s, "feature_std": std, "effective_rank": effective_rank, **counters}
 
 
-def log_step(step, epoch, out, schedule, img_per_s, counters, bar, metrics_path):
-    """Show the step's numbers on the progress bar; on rank 0 (metrics_path given) append them to
-    metrics.jsonl and warn when the target features look collapsed."""
-    row = log_row(step, epoch, out, schedule, img_per_s, counters)
+def log_step(cfg, progress, epoch, out, schedule, bar, rank):
+    """Show the step's numbers on the progress bar; on rank 0 append them to OUT/metrics.jsonl and
+    warn when the target features look collapsed. img/s counts the images since the last log."""
+    img_per_s = progress.images_seen / (time.perf_counter() - progress.clock)
+    row = log_row(progress.step, epoch, out, schedule, img_per_s, progress.counters)
     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
-    if metrics_path is None:
-        return
-    write_row(metrics_path, row)
-    # The effective rank of B pooled features is at most B - 1: a rank below 2 says collapse only
-    # where the batch allows at least 4.
-    batch, width = out.pooled_targets.shape
-    if row["feature_std"] < 1e-3 or (row["effective_rank"] < 2 and min(batch - 1, width) >= 4):
-        tqdm.write(f"warning: target features look collapsed at step {step} (std {row['feature_std']:.2e}, "
-                   f"effective rank {row['effective_rank']:.2f}); raise --lam")
+    if rank == 0:
+        write_row(os.path.join(cfg.out, "metrics.jsonl"), row)
+        # The effective rank of B pooled features is at most B - 1: a rank below 2 says collapse only
+        # where the batch allows at least 4.
+        batch, width = out.pooled_targets.shape
+        if row["feature_std"] < 1e-3 or (row["effective_rank"] < 2 and min(batch - 1, width) >= 4):
+            tqdm.write(f"warning: target features look collapsed at step {progress.step} (std "
+                       f"{row['feature_std']:.2e}, effective rank {row['effective_rank']:.2f}); raise --lam")
+    progress.clock, progress.images_seen = time.perf_counter(), 0
 
 
 def write_row(path, row):

@@ -15,7 +15,6 @@ One step (I-JEPA, Assran et al. 2023, with LeJEPA's SIGReg, Balestriero & LeCun 
 Shape legend: B batch (per process), N patches, K visible context tokens (padded), M target blocks,
 R = B * M predictor rows, T tokens per target block (padded), D encoder width.
 """
-import argparse
 import copy
 import dataclasses
 import functools
@@ -111,26 +110,6 @@ class Config:
 NONE_MEANS = {"data_dir": "looked up (see data.py)", "workers": "min(8, CPU cores) on a GPU, 0 on CPU",
               "steps": "none: --epochs decides", "clip_grad": "none: no clipping",
               "precision": "bf16 on CUDA, fp32 elsewhere"}
-
-
-def build_parser():
-    parser = argparse.ArgumentParser(description="Train an image JEPA; every flag is a field of Config.",
-                                     epilog=recipes_text(), formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        kind = field.type
-        none_means = NONE_MEANS.get(field.name, "the dataset's or preset's default")
-        shown = none_means if field.default is None else field.default
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
-        elif field.name == "resume":
-            parser.add_argument(flag, nargs="?", const="", default=None, metavar="PATH",
-                                help="continue OUT/ckpt.pt, or the checkpoint PATH")
-        else:
-            parser.add_argument(flag, type=kind, default=field.default, help=f"default: {shown}")
-    parser.error = lambda message: runs.exit_usage(message)
-    return parser
 
 
 def recipes_text():
@@ -266,15 +245,6 @@ def sample_step_masks(cfg, step, grid, rank, world, device):
     return [t.to(device, non_blocking=True) for t in (context_idx, context_valid, target_idx, target_valid)]
 
 
-def batch_images(cfg, images, step, rank, world, device):
-    """The loader's batch on the device, normalised; with --cache, cropped and flipped there first."""
-    images = images.to(device, non_blocking=True)                                       # uint8 travels
-    if cfg.cache:
-        crops = torch.Generator(device).manual_seed(runs.mixed_seed(cfg.seed, (step, 1_000_003), (rank, world)))
-        images = data.random_resized_crop_flip(images, cfg.img_size, generator=crops)
-    return data.normalize(images)                                                       # (B, 3, H, W)
-
-
 # Under --compile the loss is compiled too, so that SIGReg's cosines and sines, their sums and the L2
 # error run in inductor's fused kernels rather than one eager op each. Wrapped on first use, as
 # creating the wrapper imports inductor: an eager run or `--help` does not pay for it.
@@ -314,7 +284,7 @@ def forward_loss(cfg, nets, images, step_masks, step, grid):
 def train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, momentum):
     """Steps 2-5 of the module docstring: a StepResult, or None when a NaN/Inf appeared: then
     nothing is updated, weights nor EMA."""
-    context_encoder, predictor, target_encoder = (unwrap(m) for m in nets)
+    context_encoder, predictor, target_encoder = (runs.unwrap(m) for m in nets)
     out = forward_loss(cfg, nets, images, step_masks, step, grid)
     if out is not None:
         out.loss.backward()
@@ -328,12 +298,6 @@ def train_step(cfg, nets, optimizer, params, images, step_masks, step, grid, mom
     optimizer.zero_grad(set_to_none=True)
     ema_update(target_encoder, context_encoder, momentum)
     return StepResult(*out, grad_norm)
-
-
-def unwrap(module):
-    """The plain module under torch.compile and DDP wrappers."""
-    module = getattr(module, "_orig_mod", module)
-    return getattr(module, "module", module)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -383,26 +347,17 @@ def train_epoch(cfg, nets, state, loader, progress, epoch, total, where, bar):
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.param_groups[0]["weight_decay"] = weight_decay
-        images = batch_images(cfg, images, progress.step, rank, world, device)                # (B, 3, H, W)
+        images = runs.device_batch(cfg, images, progress.step, rank, world, device)                # (B, 3, H, W)
         step_masks = sample_step_masks(cfg, progress.step, grid, rank, world, device)
         out = train_step(cfg, nets, optimizer, params, images, step_masks, progress.step, grid, momentum)
         if out is None:
-            progress.counters["skipped_steps"] += 1
-            progress.bad_in_row += 1
-            if progress.bad_in_row >= cfg.max_bad_steps:
-                runs.save_run(cfg, state, progress, rank, world)
-                raise FloatingPointError(
-                    f"{progress.bad_in_row} non-finite steps in a row at step {progress.step}: lower --lr, try "
-                    f"--precision fp32, or check the data; the last good state is in {cfg.out}/ckpt.pt")
+            runs.skipped_step(cfg, state, progress, rank, world)
         else:
             progress.bad_in_row, progress.step = 0, progress.step + 1
-            bar.update(1)
             progress.images_seen += images.shape[0] * world
+            bar.update(1)
             if progress.step % cfg.log_every == 0 or progress.step == total:
-                img_per_s = progress.images_seen / (time.perf_counter() - progress.clock)
-                runs.log_step(progress.step, epoch, out, schedule, img_per_s, progress.counters, bar,
-                              os.path.join(cfg.out, "metrics.jsonl") if rank == 0 else None)
-                progress.clock, progress.images_seen = time.perf_counter(), 0
+                runs.log_step(cfg, progress, epoch, out, schedule, bar, rank)
         stop = runs.Stop.requested(device)  # also during a run of skipped steps
         if stop or (out is not None and (progress.step % cfg.ckpt_every == 0 or progress.step == total)):
             runs.save_run(cfg, state, progress, rank, world)
@@ -412,7 +367,7 @@ def train_epoch(cfg, nets, state, loader, progress, epoch, total, where, bar):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = runs.config_parser(Config, NONE_MEANS, recipes_text()).parse_args(argv)
     try:
         cfg = resolve(Config(**vars(args)))
         train(cfg)
