@@ -170,10 +170,19 @@ def device_batch(cfg, images, step, rank, world, device):
 
 
 def training_set(cfg, rank, world):
-    """The augmented training images; with --cache, decoded squares of side img_size / 0.875 read
-    from a memmap in OUT/../cache (built once, by rank 0), to be cropped and flipped on the device."""
-    if not cfg.cache:
-        return data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=True, seed=cfg.seed)
+    """The augmented training images, at least one global batch of them."""
+    if cfg.cache:
+        dataset = cached_training_set(cfg, rank, world)
+    else:
+        dataset = data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=True, seed=cfg.seed)
+    if len(dataset) < cfg.batch_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training images")
+    return dataset
+
+
+def cached_training_set(cfg, rank, world):
+    """Decoded squares of side img_size / 0.875 read from a memmap in OUT/../cache (built once, by
+    rank 0), to be cropped and flipped on the device."""
     source = data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=False, seed=cfg.seed)
     size = round(cfg.img_size / 0.875)
     name = os.path.basename(os.path.normpath(cfg.data))
@@ -188,6 +197,19 @@ def training_set(cfg, rank, world):
     if world > 1:
         dist.barrier()
     return data.CachedDataset(path, source.classes)
+
+
+def batches(cfg, dataset, progress, total, rank, world, device):
+    """(epoch, uint8 images) of this process, from where `progress` stands in the data, until the
+    last step or a stop signal. Counts the batches and the unreadable images skipped in them."""
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    progress.clock = time.perf_counter()
+    while progress.step < total and not Stop.requested(device):
+        epoch, start = divmod(progress.batches, steps_per_epoch)
+        for images, _, skipped in epoch_loader(cfg, dataset, rank, world, epoch, start):
+            progress.batches += 1
+            progress.counters["skipped_images"] += sum_over_ranks(int(skipped.sum()), device)  # each loads its rows
+            yield epoch, images
 
 
 def epoch_loader(cfg, dataset, rank, world, epoch, start):
@@ -538,12 +560,12 @@ def save_run(cfg, state, progress, rank, world):
         dist.barrier()
 
 
-def announce(cfg, images, steps_per_epoch, total, sizes, device, world):
+def announce(cfg, images, total, sizes, device, world):
     """OUT/config.json, and what is about to run. sizes: parameters of encoder and predictor."""
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
-    print(f"{images} images, {steps_per_epoch} steps/epoch, {total} steps; encoder {sizes[0] / 1e6:.2f}M, "
+    print(f"{images} images, {images // cfg.batch_size} steps/epoch, {total} steps; encoder {sizes[0] / 1e6:.2f}M, "
           f"predictor {sizes[1] / 1e6:.2f}M params; device {device}, {world} process(es)")
     if cfg.compile and cfg.device == "cpu":
         print("--compile: the first steps compile the graphs, minutes on a CPU; inductor's disk cache "

@@ -308,62 +308,45 @@ def train(cfg):
     device = runs.process_device(cfg, rank)
     checkpoint = runs.open_run(cfg, rank)
     dataset = runs.training_set(cfg, rank, world)
-    steps_per_epoch = len(dataset) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise runs.UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training images")
-    total = cfg.steps or cfg.epochs * steps_per_epoch
+    total = cfg.steps or cfg.epochs * (len(dataset) // cfg.batch_size)
     context_encoder, predictor, target_encoder = (m.to(device) for m in build_models(cfg))
+    optimizer = build_optimizer(cfg, context_encoder, predictor)
     state = {"context_encoder": context_encoder, "predictor": predictor, "target_encoder": target_encoder,
-             "optimizer": build_optimizer(cfg, context_encoder, predictor)}
+             "optimizer": optimizer}
     progress = runs.restore(checkpoint, state, total, cfg.out, rank)
     nets = [DistributedDataParallel(m) if world > 1 else m for m in (context_encoder, predictor)] + [target_encoder]
     nets = [torch.compile(m) for m in nets] if cfg.compile else nets
+    params = [p for m in (context_encoder, predictor) for p in m.parameters()]
+    grid = (cfg.img_size // cfg.patch_size,) * 2
     if rank == 0:
-        sizes = [model.count_params(m) for m in (context_encoder, predictor)]
-        runs.announce(cfg, len(dataset), steps_per_epoch, total, sizes, device, world)
-    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True)
-    progress.clock = time.perf_counter()
-    with runs.Stop.handling(), bar:
-        while progress.step < total and not runs.Stop.requested(device):
-            epoch, start = divmod(progress.batches, steps_per_epoch)
-            loader = runs.epoch_loader(cfg, dataset, rank, world, epoch, start)
-            if train_epoch(cfg, nets, state, loader, progress, epoch, total, (rank, world, device), bar):
+        runs.announce(cfg, len(dataset), total, [model.count_params(m) for m in (context_encoder, predictor)],
+                      device, world)
+    with runs.Stop.handling(), tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True) as bar:
+        for epoch, images in runs.batches(cfg, dataset, progress, total, rank, world, device):
+            lr, weight_decay, momentum = schedule = schedules(cfg, progress.step, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.param_groups[0]["weight_decay"] = weight_decay
+            images = runs.device_batch(cfg, images, progress.step, rank, world, device)          # (B, 3, H, W)
+            step_masks = sample_step_masks(cfg, progress.step, grid, rank, world, device)
+            out = train_step(cfg, nets, optimizer, params, images, step_masks, progress.step, grid, momentum)
+            if out is None:
+                runs.skipped_step(cfg, state, progress, rank, world)
+            else:
+                progress.bad_in_row, progress.step = 0, progress.step + 1
+                progress.images_seen += images.shape[0] * world
+                bar.update(1)
+                if progress.step % cfg.log_every == 0 or progress.step == total:
+                    runs.log_step(cfg, progress, epoch, out, schedule, bar, rank)
+            stop = runs.Stop.requested(device)  # also during a run of skipped steps
+            if stop or (out is not None and (progress.step % cfg.ckpt_every == 0 or progress.step == total)):
+                runs.save_run(cfg, state, progress, rank, world)
+            if progress.step == total or stop:
                 break
     runs.finish(cfg, progress, total, rank)
     del nets  # see runs.teardown
     runs.teardown()
     return cfg.out
-
-
-def train_epoch(cfg, nets, state, loader, progress, epoch, total, where, bar):
-    """Steps over the loader's batches; True when the run should end (last step or a stop signal)."""
-    rank, world, device = where
-    optimizer, grid = state["optimizer"], (cfg.img_size // cfg.patch_size,) * 2
-    params = [p for name in ("context_encoder", "predictor") for p in state[name].parameters()]
-    for images, _, skipped in loader:
-        progress.batches += 1
-        progress.counters["skipped_images"] += runs.sum_over_ranks(int(skipped.sum()), device)  # each loads its rows
-        lr, weight_decay, momentum = schedule = schedules(cfg, progress.step, total)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.param_groups[0]["weight_decay"] = weight_decay
-        images = runs.device_batch(cfg, images, progress.step, rank, world, device)                # (B, 3, H, W)
-        step_masks = sample_step_masks(cfg, progress.step, grid, rank, world, device)
-        out = train_step(cfg, nets, optimizer, params, images, step_masks, progress.step, grid, momentum)
-        if out is None:
-            runs.skipped_step(cfg, state, progress, rank, world)
-        else:
-            progress.bad_in_row, progress.step = 0, progress.step + 1
-            progress.images_seen += images.shape[0] * world
-            bar.update(1)
-            if progress.step % cfg.log_every == 0 or progress.step == total:
-                runs.log_step(cfg, progress, epoch, out, schedule, bar, rank)
-        stop = runs.Stop.requested(device)  # also during a run of skipped steps
-        if stop or (out is not None and (progress.step % cfg.ckpt_every == 0 or progress.step == total)):
-            runs.save_run(cfg, state, progress, rank, world)
-        if progress.step == total or stop:
-            return True
-    return False
 
 
 def main(argv=None):
