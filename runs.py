@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import model
 
 def mixed_seed(seed, *parts):
     """One seed from `seed` and (value, count) parts, value < count: seed * count + value, part after
@@ -224,6 +226,13 @@ def unwrap(module):
     """The plain module under torch.compile and DDP wrappers."""
     module = getattr(module, "_orig_mod", module)
     return getattr(module, "module", module)
+
+
+@functools.cache
+def compiled(function):
+    """torch.compile(function), made on first use: creating it imports inductor, which an eager run
+    or `--help` then does not pay for."""
+    return torch.compile(function)
 
 
 def all_ranks_true(flag):
@@ -560,8 +569,9 @@ def save_run(cfg, state, progress, rank, world):
         dist.barrier()
 
 
-def announce(cfg, images, total, sizes, device, world):
-    """OUT/config.json, and what is about to run. sizes: parameters of encoder and predictor."""
+def announce(cfg, images, total, networks, device, world):
+    """OUT/config.json, and what is about to run. networks: context encoder and predictor."""
+    sizes = [model.count_params(network) for network in networks]
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
     print("config:", json.dumps(dataclasses.asdict(cfg)))

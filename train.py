@@ -17,13 +17,11 @@ R = B * M predictor rows, T tokens per target block (padded), D encoder width.
 """
 import copy
 import dataclasses
-import functools
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -61,7 +59,7 @@ CPU_RECIPES = {
 }
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # data
     data: str = "synthetic"         # synthetic | cifar10 | imagenet100 | a path to an image folder
@@ -149,9 +147,8 @@ def resolve(cfg):
     if cfg.precision is None:
         cfg.precision = "bf16" if cfg.device == "cuda" else "fp32"
     runs.check_values(cfg)
-    with torch.device("meta"):  # model.py and masks.py check their own rules; meta tensors cost no memory
-        encoder = model.build_encoder(cfg.model, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads)
-        model.build_predictor(cfg.model, encoder.embed_dim, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads)
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):  # model.py checks its rules; meta costs no memory
+        build_models(cfg)
     masks.check_config((cfg.img_size // cfg.patch_size,) * 2, masks.MaskConfig())
     return cfg
 
@@ -180,12 +177,9 @@ def schedules(cfg, step, total):
 def build_models(cfg):
     """Context encoder, predictor and the target encoder (a frozen copy, updated only by EMA)."""
     torch.manual_seed(cfg.seed)
-    context_encoder = model.build_encoder(cfg.model, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth,
-                                          cfg.num_heads)
-    predictor = model.build_predictor(cfg.model, context_encoder.embed_dim, cfg.pred_dim, cfg.pred_depth,
-                                      cfg.pred_heads)
-    target_encoder = copy.deepcopy(context_encoder).requires_grad_(False)
-    return context_encoder, predictor, target_encoder
+    encoder = model.build_encoder(cfg.model, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads)
+    predictor = model.build_predictor(cfg.model, encoder.embed_dim, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads)
+    return encoder, predictor, copy.deepcopy(encoder).requires_grad_(False)
 
 
 def build_optimizer(cfg, context_encoder, predictor):
@@ -194,9 +188,8 @@ def build_optimizer(cfg, context_encoder, predictor):
     params = [p for m in (context_encoder, predictor) for p in m.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.999),
-                             fused=True)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
 
 
 @torch.no_grad()
@@ -211,18 +204,14 @@ def ema_update(target_encoder, context_encoder, momentum):
 # ----------------------------------------------------------------------------- one training step
 
 class Loss(NamedTuple):
-    loss: torch.Tensor
+    loss: torch.Tensor                 # (1 - lam) * l2 + lam * sigreg
     l2: torch.Tensor
     sigreg: torch.Tensor
     pooled_targets: torch.Tensor       # (B, D) target features averaged over patches, for the health metrics
 
 
-class StepResult(NamedTuple):
-    loss: torch.Tensor
-    l2: torch.Tensor
-    sigreg: torch.Tensor
-    pooled_targets: torch.Tensor
-    grad_norm: torch.Tensor            # before clipping
+# What train_step returns: the Loss and the gradient's norm before clipping.
+StepResult = NamedTuple("StepResult", [(name, torch.Tensor) for name in (*Loss._fields, "grad_norm")])
 
 
 def step_generator(cfg, step, salt):
@@ -243,14 +232,6 @@ def sample_step_masks(cfg, step, grid, rank, world, device):
     context_idx, context_valid = masks.mask_to_indices(context, multiple)             # (B, K)
     target_idx, target_valid = masks.mask_to_indices(targets, multiple)               # (R, T)
     return [t.to(device, non_blocking=True) for t in (context_idx, context_valid, target_idx, target_valid)]
-
-
-# Under --compile the loss is compiled too, so that SIGReg's cosines and sines, their sums and the L2
-# error run in inductor's fused kernels rather than one eager op each. Wrapped on first use, as
-# creating the wrapper imports inductor: an eager run or `--help` does not pay for it.
-@functools.cache
-def compiled_jepa_loss():
-    return torch.compile(losses.jepa_loss)
 
 
 def forward_loss(cfg, nets, images, step_masks, step, grid):
@@ -275,7 +256,9 @@ def forward_loss(cfg, nets, images, step_masks, step, grid):
     # The slices are drawn here, outside any compiled graph (a seeded CPU generator breaks a graph).
     directions = losses.slice_directions(embeddings.shape[1], cfg.num_slices, step_generator(cfg, step, 1),
                                          embeddings.device)                                   # (D, L)
-    jepa_loss = compiled_jepa_loss() if cfg.compile else losses.jepa_loss
+    # Under --compile the loss is compiled too: SIGReg's cosines and sines, their sums and the L2 error
+    # run in inductor's fused kernels rather than one eager op each.
+    jepa_loss = runs.compiled(losses.jepa_loss) if cfg.compile else losses.jepa_loss
     loss, l2, regularizer = jepa_loss(predictions, targets, target_valid, embeddings, cfg.lam,
                                       directions=directions)
     return Loss(loss, l2, regularizer, target_features.float().mean(1))               # pooled: (B, D)
@@ -311,16 +294,15 @@ def train(cfg):
     total = cfg.steps or cfg.epochs * (len(dataset) // cfg.batch_size)
     context_encoder, predictor, target_encoder = (m.to(device) for m in build_models(cfg))
     optimizer = build_optimizer(cfg, context_encoder, predictor)
-    state = {"context_encoder": context_encoder, "predictor": predictor, "target_encoder": target_encoder,
-             "optimizer": optimizer}
+    state = dict(context_encoder=context_encoder, predictor=predictor, target_encoder=target_encoder,
+                 optimizer=optimizer)
     progress = runs.restore(checkpoint, state, total, cfg.out, rank)
     nets = [DistributedDataParallel(m) if world > 1 else m for m in (context_encoder, predictor)] + [target_encoder]
     nets = [torch.compile(m) for m in nets] if cfg.compile else nets
     params = [p for m in (context_encoder, predictor) for p in m.parameters()]
     grid = (cfg.img_size // cfg.patch_size,) * 2
     if rank == 0:
-        runs.announce(cfg, len(dataset), total, [model.count_params(m) for m in (context_encoder, predictor)],
-                      device, world)
+        runs.announce(cfg, len(dataset), total, (context_encoder, predictor), device, world)
     with runs.Stop.handling(), tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True) as bar:
         for epoch, images in runs.batches(cfg, dataset, progress, total, rank, world, device):
             lr, weight_decay, momentum = schedule = schedules(cfg, progress.step, total)
@@ -352,8 +334,7 @@ def train(cfg):
 def main(argv=None):
     args = runs.config_parser(Config, NONE_MEANS, recipes_text()).parse_args(argv)
     try:
-        cfg = resolve(Config(**vars(args)))
-        train(cfg)
+        train(resolve(Config(**vars(args))))
     except (ValueError, data.DataError) as error:  # a runs.UsageError is a ValueError
         # An error raised in a DataLoader worker arrives wrapped: its own message is the last line.
         runs.exit_usage(str(error).strip().splitlines()[-1].removeprefix("data.DataError: "))
