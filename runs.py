@@ -10,7 +10,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import shlex
 import signal
 import subprocess
@@ -314,20 +313,43 @@ def save_checkpoint(path, state):
         os.close(folder)
 
 
+def brief(message, limit=200):
+    """The first sentence of a long, multi-line torch error message."""
+    sentence = message.strip().split("\n")[0].split(". ")[0].strip()
+    return sentence if len(sentence) <= limit else sentence[:limit] + "..."
+
+
+def read_checkpoint(path, mmap=False):
+    """The checkpoint at `path`, verified first: every zip entry of a torch checkpoint carries a
+    CRC-32, which torch.load itself does not check. weights_only: a checkpoint is data, and
+    unpickling arbitrary objects runs code. mmap: tensors are paged in only when used."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip() is not None
+    except (zipfile.BadZipFile, OSError):
+        raise UsageError(f"{path} is not a train.py checkpoint (not a zip archive)") from None
+    if damaged:
+        raise UsageError(f"{path} is damaged (a CRC check failed): train.py keeps the one before as *_prev.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as error:
+        reason = brief(str(error).split("WeightsUnpickler error:")[-1])
+        raise UsageError(f"cannot load {path} with weights_only=True: {reason}") from None
+
+
 def load_checkpoint(path):
-    """Load `path`, or `*_prev.pt` beside it when `path` is missing or damaged (every zip entry of a
-    torch checkpoint carries a CRC-32, which torch.load itself does not verify)."""
+    """(checkpoint, the path it came from): `path`, or `*_prev.pt` beside it when `path` is missing
+    or damaged."""
     damaged = []
     for candidate in (path, previous_path(path)):
         if not os.path.isfile(candidate):
             continue
         try:
-            with zipfile.ZipFile(candidate) as archive:
-                if archive.testzip() is None:
-                    return torch.load(candidate, map_location="cpu", weights_only=True), candidate
-        except (zipfile.BadZipFile, OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-            pass
-        damaged.append(candidate)
+            return read_checkpoint(candidate), candidate
+        except UsageError:
+            damaged.append(candidate)
         fallback = "; trying the previous one" if candidate == path and os.path.isfile(previous_path(path)) else ""
         print(f"warning: checkpoint {candidate} is damaged or not a checkpoint{fallback}", file=sys.stderr)
     if damaged:
