@@ -17,6 +17,7 @@ losses and pooled features skip it. A sample's outputs are thus the same alone o
 Inside the Transformer the real tokens are packed (on the CPU always, on a GPU in eager mode; see
 TokenLayout and packs_tokens), so padding costs FLOPs only in attention.
 """
+import argparse
 import math
 
 import torch
@@ -57,60 +58,6 @@ def check_width(dim):
         raise ValueError(f"width {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
 
 
-class TokenLayout:
-    """Where the real tokens of a padded (B, L) batch sit.
-
-    Layer norms, linear layers and the MLP treat tokens one by one, so they run on the packed real
-    tokens, (S, C) with S = sum of the valid flags, and spend nothing on padding; only attention,
-    which mixes the tokens of one sample, needs them in padded (B, L, C) form, with padded keys
-    masked out (README, Performance, measures what this saves). See `packs_tokens` for when.
-    """
-
-    def __init__(self, valid):
-        self.attn_mask = None if valid is None else valid[:, None, None, :]     # (B, 1, 1, L), True = real key
-        self.packed = valid is not None and packs_tokens(valid.device, torch.compiler.is_compiling())
-        self.index = real_positions(valid) if self.packed else None             # (S,)
-
-    def pack(self, x):
-        """(B, L, C) -> (S, C) when packed, else unchanged."""
-        return x.flatten(0, 1)[self.index] if self.packed else x
-
-    def unpack(self, x):
-        """(S, C) -> (B, L, C) with zeros at padding when packed, else unchanged."""
-        if not self.packed:
-            return x
-        batch, length = self.attn_mask.shape[0], self.attn_mask.shape[-1]
-        padded = x.new_zeros(batch * length, x.shape[-1])
-        return padded.index_copy(0, self.index, x).view(batch, length, -1)
-
-
-def packs_tokens(device, compiled):
-    """Whether TokenLayout packs the real tokens. Packing needs their count S on the host, which
-    varies every step: free on the CPU, where a compiled graph then takes S as a dynamic size; a
-    sync on a GPU, tolerated in eager mode but not in a compiled graph, which keeps fixed padded
-    (bucketed) shapes there instead."""
-    return device.type == "cpu" or not compiled
-
-
-@torch.compiler.disable  # nonzero's output length depends on the data: computed outside any graph
-def real_positions(valid):
-    """Flat indices of the True entries of `valid`. Shape: (B, L) -> (S,)."""
-    return valid.flatten().nonzero().squeeze(1)
-
-
-def explicit_attention(q, k, v, key_valid):
-    """softmax(Q K^T / sqrt(d) + mask) V (Vaswani et al. 2017), with mask = -inf at padded keys.
-
-    Under bf16 autocast the scores are rounded to bf16 before the softmax, as in any attention
-    written with matmuls (nanoGPT's non-flash path); fused kernels keep them in fp32.
-    Shape: q, k, v (B, heads, L, d); key_valid (B, 1, 1, L) or None -> (B, heads, L, d).
-    """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                  # (B, heads, L, L)
-    if key_valid is not None:
-        scores = scores.masked_fill(~key_valid, float("-inf"))
-    return scores.softmax(-1) @ v
-
-
 class Attention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
@@ -125,14 +72,7 @@ class Attention(nn.Module):
         qkv = layout.unpack(self.qkv(x))                                        # (B, L, 3 dim)
         b, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        # each (B, heads, L, dim/heads). Fused kernels on GPU; no probabilities stored. On CPU in bf16,
-        # torch 2.13's fused kernel was 2-4x slower than its math path at these lengths (L = 40-64),
-        # and its math path slower than attention written out, in a whole bf16 training step (README,
-        # Performance), so there attention is written out.
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            x = explicit_attention(q, k, v, layout.attn_mask)
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask)
+        x = attend(q, k, v, layout.attn_mask)                                   # (B, heads, X, dim/heads)
         return self.proj(layout.pack(x.transpose(1, 2).reshape(b, length, dim)))   # (S, dim) or (B, L, dim)
 
 
@@ -179,17 +119,6 @@ def init_weights(module, blocks):
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * (layer + 1)))
 
 
-def block_flops(length, dim, mlp_ratio=4.0):
-    """Forward multiply-add FLOPs (x2) of one Block on a length-L sequence: the qkv, proj and MLP
-    matmuls, 2 L D (3D + D + 2 mlp_ratio D), plus attention scores and weighted sum, 2 * 2 L^2 D."""
-    return 2 * length * dim * (4 * dim + 2 * int(dim * mlp_ratio)) + attention_flops(length, dim)
-
-
-def attention_flops(length, dim):
-    """Forward FLOPs of attention's two batched products, Q K^T and P V, on a length-L sequence."""
-    return 4 * length * length * dim
-
-
 # ----------------------------------------------------------------------------- encoder
 
 class Encoder(nn.Module):
@@ -218,8 +147,10 @@ class Encoder(nn.Module):
         Padded positions hold 0 when the tokens are packed and arbitrary values otherwise: callers
         read only the valid ones."""
         h, w = self.grid(*images.shape[-2:])
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)                 # (B, N, D)
-        x = x + sincos_pos_embed(h, w, self.embed_dim, x.device).to(x.dtype)
+        # The residual stream stays fp32 under bf16 autocast (as in ViT and I-JEPA): only the matmuls
+        # inside the blocks run in bf16, and each block adds its output to the fp32 stream.
+        x = self.patch_embed(images).flatten(2).transpose(1, 2).float()         # (B, N, D)
+        x = x + sincos_pos_embed(h, w, self.embed_dim, x.device)
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         layout = TokenLayout(keep_valid)
@@ -227,15 +158,6 @@ class Encoder(nn.Module):
         for block in self.blocks:
             x = block(x, layout)
         return layout.unpack(self.norm(x))                                       # (B, K, D)
-
-    def flops(self, num_tokens):
-        """Forward FLOPs per image for `num_tokens` kept tokens (patch embedding on all N is
-        not counted here; see `patch_embed_flops`)."""
-        return len(self.blocks) * block_flops(num_tokens, self.embed_dim, self.mlp_ratio)
-
-    def patch_embed_flops(self, num_patches):
-        return 2 * num_patches * self.patch_embed.weight[0].numel() * self.embed_dim
-
 
 # ----------------------------------------------------------------------------- predictor
 
@@ -263,7 +185,7 @@ class Predictor(nn.Module):
         """Shape: context (B, K, D); context_idx, context_valid (B, K); target_idx, target_valid
         (R, T) with R = B * M, row b * M + m for sample b, block m; grid (h, w) -> (R, T, D)."""
         num_blocks = target_idx.shape[0] // context.shape[0]
-        pos = sincos_pos_embed(*grid, self.pred_dim, context.device).to(context.dtype)               # (N, E)
+        pos = sincos_pos_embed(*grid, self.pred_dim, context.device)           # (N, E), fp32 like the stream
         x = self.embed(context) + pos[context_idx]                              # (B, K, E)
         x = x.repeat_interleave(num_blocks, 0)                                  # (R, K, E)
         queries = self.mask_token + pos[target_idx]                             # (R, T, E)
@@ -274,14 +196,6 @@ class Predictor(nn.Module):
         for block in self.blocks:
             x = block(x, layout)
         return self.proj(self.norm(layout.unpack(x)[:, context.shape[1]:]))   # (R, T, D)
-
-    def flops(self, num_context, num_targets, embed_dim, num_blocks):
-        """Forward FLOPs per sample: the context is embedded once, then each of the M rows runs
-        the blocks on K + T tokens and projects its T outputs back to D."""
-        per_row = (len(self.blocks) * block_flops(num_context + num_targets, self.pred_dim, self.mlp_ratio)
-                   + 2 * num_targets * self.pred_dim * embed_dim)
-        return 2 * num_context * embed_dim * self.pred_dim + num_blocks * per_row
-
 
 # ----------------------------------------------------------------------------- presets
 
@@ -309,16 +223,83 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+# ---- faster paths: token packing and the CPU-bf16 attention, behind the interface used above
+
+class TokenLayout:
+    """Where the real tokens of a padded (B, L) batch sit.
+
+    Layer norms, linear layers and the MLP treat tokens one by one, so they run on the packed real
+    tokens, (S, C) with S = sum of the valid flags, and spend nothing on padding; only attention,
+    which mixes the tokens of one sample, needs them in padded (B, L, C) form, with padded keys
+    masked out. See `packs_tokens` for when.
+    """
+
+    def __init__(self, valid):
+        self.attn_mask = None if valid is None else valid[:, None, None, :]     # (B, 1, 1, L), True = real key
+        self.packed = valid is not None and packs_tokens(valid.device, torch.compiler.is_compiling())
+        self.index = real_positions(valid) if self.packed else None             # (S,)
+
+    def pack(self, x):
+        """(B, L, C) -> (S, C) when packed, else unchanged."""
+        return x.flatten(0, 1)[self.index] if self.packed else x
+
+    def unpack(self, x):
+        """(S, C) -> (B, L, C) with zeros at padding when packed, else unchanged."""
+        if not self.packed:
+            return x
+        batch, length = self.attn_mask.shape[0], self.attn_mask.shape[-1]
+        padded = x.new_zeros(batch * length, x.shape[-1])
+        return padded.index_copy(0, self.index, x).view(batch, length, -1)
+
+
+def packs_tokens(device, compiled):
+    """Whether TokenLayout packs the real tokens. Packing needs their count S on the host, which
+    varies every step: free on the CPU, where a compiled graph then takes S as a dynamic size; a
+    sync on a GPU, tolerated in eager mode but not in a compiled graph, which keeps fixed padded
+    (bucketed) shapes there instead."""
+    return device.type == "cpu" or not compiled
+
+
+@torch.compiler.disable  # nonzero's output length depends on the data: computed outside any graph
+def real_positions(valid):
+    """Flat indices of the True entries of `valid`. Shape: (B, L) -> (S,)."""
+    return valid.flatten().nonzero().squeeze(1)
+
+
+def attend(q, k, v, key_valid):
+    """F.scaled_dot_product_attention with padded keys masked out: fused kernels, no probabilities
+    stored. On a CPU in bf16 the fused kernel and its math path run slower than attention written
+    out with matmuls at these short lengths, so there it is written out."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return explicit_attention(q, k, v, key_valid)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid)
+
+
+def explicit_attention(q, k, v, key_valid):
+    """softmax(Q K^T / sqrt(d) + mask) V (Vaswani et al. 2017), with mask = -inf at padded keys.
+
+    Under bf16 autocast the scores are rounded to bf16 before the softmax, as in any attention
+    written with matmuls (nanoGPT's non-flash path); fused kernels keep them in fp32.
+    Shape: q, k, v (B, heads, L, d); key_valid (B, 1, 1, L) or None -> (B, heads, L, d).
+    """
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                  # (B, heads, L, L)
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Print the model presets: widths, depths and parameter counts of encoder and predictor "
+                    "(FLOPs: bench.py). Writes nothing.", allow_abbrev=False)
+    parser.parse_args(argv)
+    print(f"{'preset':6} {'D':>4} {'depth':>5} {'heads':>5} {'E':>4} {'pred depth':>10} {'enc params':>11} "
+          f"{'pred params':>11}")
+    for name, sizes in PRESETS.items():
+        encoder, predictor = build_encoder(name, 224, 16), build_predictor(name)
+        print(f"{name:6} {sizes['embed_dim']:>4} {sizes['depth']:>5} {sizes['num_heads']:>5} "
+              f"{sizes['pred_dim']:>4} {sizes['pred_depth']:>10} {count_params(encoder) / 1e6:>10.2f}M {count_params(predictor) / 1e6:>10.2f}M")
+
+
 if __name__ == "__main__":
-    # A table of the presets: parameters and forward FLOPs per image at their usual resolution,
-    # for the target encoder (all N patches) and the context encoder (about half of them visible).
-    print(f"{'preset':6} {'img/patch':>9} {'N':>4} {'D':>4} {'depth':>5} {'enc params':>11} {'pred params':>11} "
-          f"{'GFLOPs all N':>12} {'GFLOPs N/2':>10}")
-    for name, img, patch in [("nano", 32, 4), ("tiny", 64, 8), ("tiny", 224, 16), ("small", 224, 16),
-                             ("base", 224, 16)]:
-        encoder, predictor = build_encoder(name, img, patch), build_predictor(name)
-        n = (img // patch) ** 2
-        full = (encoder.flops(n) + encoder.patch_embed_flops(n)) / 1e9
-        half = (encoder.flops(n // 2) + encoder.patch_embed_flops(n)) / 1e9
-        print(f"{name:6} {f'{img}/{patch}':>9} {n:>4} {encoder.embed_dim:>4} {len(encoder.blocks):>5} "
-              f"{count_params(encoder) / 1e6:>10.2f}M {count_params(predictor) / 1e6:>10.2f}M {full:>12.3f} {half:>10.3f}")
+    main()

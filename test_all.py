@@ -266,7 +266,27 @@ def test_encoder_runs_at_another_resolution_and_rejects_bad_sizes():
         model.build_encoder("nano", 30, 4)
 
 
+def test_bf16_autocast_keeps_the_residual_stream_in_fp32():
+    """Under bf16 autocast only the matmuls inside the blocks run in bf16 (as in ViT and I-JEPA): a
+    block's input is fp32, and a 12-layer ViT-S-width encoder (standard init) stays within 0.5 % of
+    its fp32 output (relative norm of the difference). Measured: 0.25 % over seeds 0-2 with the fp32
+    stream, 1.05 % with the stream cast to bf16 after the position embedding."""
+    torch.manual_seed(0)
+    encoder = model.Encoder(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    images = torch.randn(4, 3, 64, 64)
+    seen = []
+    for block in encoder.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.no_grad():
+        full = encoder(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = encoder(images)
+    assert seen == [torch.float32] * 24                   # 12 blocks, fp32 run and bf16 run
+    assert (low.float() - full).norm() / full.norm() < 5e-3
+
+
 def test_analytic_flops_match_torch_flop_counter():
+    import bench
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     encoder, predictor = tiny_models()
@@ -275,12 +295,13 @@ def test_analytic_flops_match_torch_flop_counter():
     # the math backend decomposes attention into matmuls the counter sees (the fused CPU kernel it skips)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         encoder(images, idx, valid)
-    assert counter.get_total_flops() == 2 * (encoder.flops(40) + encoder.patch_embed_flops(64))
+    assert counter.get_total_flops() == 2 * (bench.encoder_flops(encoder, 40)
+                                            + bench.patch_embed_flops(encoder, 64))
     context = torch.randn(2, 40, 32)
     t_idx, t_valid = torch.arange(10).repeat(8, 1), torch.ones(8, 10, dtype=torch.bool)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         predictor(context, idx, valid, t_idx, t_valid, (8, 8))
-    assert counter.get_total_flops() == 2 * predictor.flops(40, 10, 32, num_blocks=4)
+    assert counter.get_total_flops() == 2 * bench.predictor_flops(predictor, 40, 10, 32, num_blocks=4)
 
 
 def test_packed_tokens_spend_flops_on_padding_only_in_attention():
