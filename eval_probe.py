@@ -12,8 +12,8 @@ baseline that any number from a trained one must beat. Accuracies are fractions 
 
 Shapes:
   B  images in a batch         N  patches per image         D  feature width
-  M  train features            Q  query (val) features      C  classes
-  K  neighbours in the k-NN vote
+  G  train features (gallery)  Q  query (val) features      C  classes
+  V  neighbours that vote in the k-NN (--k)
 """
 
 import argparse
@@ -51,19 +51,19 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
 def knn_classify(train_x, train_y, query_x, num_classes, k=20, temperature=0.07, chunk_size=1024):
     """Weighted k-NN vote, as in InstDisc / DINO.
 
-    With unit vectors z = x/|x|, each query q takes its K most similar train features
+    With unit vectors z = x/|x|, each query q takes its V most similar train features
     (s_j = <z_q, z_j>) and scores class c as  sum_{j in topK, y_j = c} exp(s_j / temperature).
     A small temperature lets the closest neighbours dominate the vote.
 
-    Shape: train_x (M, D), train_y (M,), query_x (Q, D) -> scores (Q, C)
+    Shape: train_x (G, D), train_y (G,), query_x (Q, D) -> scores (Q, C)
     """
     train_z = F.normalize(train_x.float(), dim=1)
     k = min(k, len(train_z))
     scores = []
-    # Chunking keeps the (chunk, M) similarity matrix small whatever Q is.
+    # Chunking keeps the (chunk, G) similarity matrix small whatever Q is.
     for query in query_x.split(chunk_size):
-        similarity = F.normalize(query.float(), dim=1) @ train_z.T          # (chunk, M)
-        top_sim, top_idx = similarity.topk(k, dim=1)                         # (chunk, K)
+        similarity = F.normalize(query.float(), dim=1) @ train_z.T          # (chunk, G)
+        top_sim, top_idx = similarity.topk(k, dim=1)                         # (chunk, V)
         votes = torch.zeros(len(query), num_classes)
         votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
         scores.append(votes)
@@ -81,7 +81,7 @@ def fit_logistic_regression(x, y, num_classes, weight_decay, epochs, init=None) 
     the same optimum every time. `init` warm-starts from another fit, which makes a sweep
     over weight decays cheap.
 
-    Shape: x (M, D), y (M,) -> Linear(D, C)
+    Shape: x (G, D), y (G,) -> Linear(D, C)
     """
     linear = nn.Linear(x.shape[1], num_classes)
     if init is not None:
@@ -110,7 +110,7 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, weight_decays=WEIG
     decay is fit on 90% of train and scored on the other 10%; the best one is refit on
     all of train and evaluated once on val.
 
-    Shape: train_x (M, D), train_y (M,), val_x (Q, D), val_y (Q,)
+    Shape: train_x (G, D), train_y (G,), val_x (Q, D), val_y (Q,)
     Returns: {"top1", "top5" (only if C > 10), "best_weight_decay", "heldout_top1": {wd: acc}}
     """
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
@@ -154,8 +154,8 @@ def extract_features(encoder, loader, device) -> tuple[torch.Tensor, torch.Tenso
 
     feature(image) = (1/N) sum_n encoder(image)[n]
 
-    Shape: loader yields uint8 images (B, 3, H, W) and labels (B,) -> features (M, D) float32
-           on the CPU, labels (M,) long
+    Shape: loader yields uint8 images (B, 3, H, W) and labels (B,) -> features (G, D) float32
+           on the CPU, labels (G,) long
     """
     encoder.eval()  # our ViT has no dropout or batch norm, but a fork's might: features must be deterministic
     features, labels = [], []

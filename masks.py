@@ -4,11 +4,11 @@ One sample = one context block + M target blocks on an h x w patch grid (I-JEPA,
 Sec. 3): the encoder sees the context block minus every target, the predictor must produce the
 encoder's features at each target.
 
-Shape legend
-    B   batch size
+Shape legend (the project's; see model.py for the rest)
+    B   images
     h,w patch grid (rows, columns); N = h * w patches, numbered row-major
-    M   target blocks per sample (default 4)
-    K   visible context patches per sample, padded to the batch maximum
+    M   target blocks per image (default 4)
+    K   visible context patches per image, padded to the batch maximum
     T   patches per target block, padded to the batch maximum
 
 How a sampled (scale, aspect) becomes a whole-patch rectangle -- "the rounding rule"
@@ -65,7 +65,7 @@ class Masks:
 def admissible_shapes(grid, scale, aspect):
     """All (bh, bw) obeying the rounding rule's bounds (see the module docstring).
 
-    Shape: returns a long tensor (S, 2), sorted by bh then bw. S may be 0.
+    Shape: returns a long tensor (A, 2) of the A admissible shapes, sorted by bh then bw. A may be 0.
     """
     h, w = grid
     n = h * w
@@ -88,7 +88,7 @@ def sample_block_shapes(count, grid, scale, aspect, generator=None):
     log_area = torch.log(s * n)                                               # (count,)
     ideal_log_h = 0.5 * (log_area + log_a)
     ideal_log_w = 0.5 * (log_area - log_a)
-    log_shapes = shapes.double().log()                                        # (S, 2)
+    log_shapes = shapes.double().log()                                        # (A, 2)
     dist = (log_shapes[None, :, 0] - ideal_log_h[:, None]) ** 2 + (log_shapes[None, :, 1] - ideal_log_w[:, None]) ** 2
     return shapes[dist.argmin(1)]                                             # (count, 2)
 
@@ -177,13 +177,14 @@ def mask_to_indices(mask, multiple=1):
     row (rounded up to `multiple`, so that few distinct lengths reach torch.compile). Padded
     entries point at patch 0 and are flagged invalid: they must be excluded by the consumer.
 
-    Shape: mask (R, N) bool -> idx (R, L) long, valid (R, L) bool, L = max_r sum(mask[r]) rounded up.
+    Shape: mask (R, N) bool -> idx (R, X) long, valid (R, X) bool, X = max_r sum(mask[r]) rounded up
+    (X is K for context masks, T for target masks).
     """
     counts = mask.sum(1)                                                              # (R,)
     longest = int(counts.max()) if len(counts) else 0
     length = min(mask.shape[1], -(-max(longest, 1) // multiple) * multiple)
     order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :length]   # True first
-    valid = torch.arange(length, device=mask.device) < counts[:, None]               # (R, L)
+    valid = torch.arange(length, device=mask.device) < counts[:, None]               # (R, X)
     return order.masked_fill(~valid, 0), valid
 
 

@@ -1,15 +1,14 @@
 """ViT encoder and narrow ViT predictor for an image JEPA.
 
-Shape legend
-    B   batch size                      C   image channels (3)
-    H,W image height, width             P   patch size
+Shape legend (the project's; losses.py adds S, L, J)
+    B   images per process              H,W image height, width; P patch size
     h,w patch grid (H/P, W/P)           N   patches per image, h * w, numbered row-major
-    K   kept tokens per sample (the visible context), padded to the batch maximum
-    M   target blocks per sample        T   tokens per target block, padded to the batch maximum
-    R   rows of the predictor batch, B * M (one row per sample and target block)
+    K   visible context tokens per image, padded to the batch maximum
+    M   target blocks per image         T   tokens per target block, padded to the batch maximum
+    R   predictor rows, B * M (one row per image and target block)
     D   encoder width                   E   predictor width
-    L   sequence length seen by a Transformer block
-    S   real (unpadded) tokens of a batch, packed one after another
+    X   tokens in the sequence a Transformer block sees (N, K, or K + T)
+    U   real (unpadded) tokens of a batch, packed one after another
 
 Padding: a sample keeps *all* its visible patches. Shorter samples are padded to the batch maximum,
 and each padded position is flagged invalid: no real token attends to it (attention mask), and the
@@ -68,12 +67,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, layout):
-        """Shape: x (S, dim) packed or (B, L, dim) padded, as `layout` says -> the same."""
-        qkv = layout.unpack(self.qkv(x))                                        # (B, L, 3 dim)
+        """Shape: x (U, dim) packed or (B, X, dim) padded, as `layout` says -> the same."""
+        qkv = layout.unpack(self.qkv(x))                                        # (B, X, 3 dim)
         b, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         x = attend(q, k, v, layout.attn_mask)                                   # (B, heads, X, dim/heads)
-        return self.proj(layout.pack(x.transpose(1, 2).reshape(b, length, dim)))   # (S, dim) or (B, L, dim)
+        return self.proj(layout.pack(x.transpose(1, 2).reshape(b, length, dim)))   # (U, dim) or (B, X, dim)
 
 
 class MLP(nn.Module):
@@ -143,7 +142,7 @@ class Encoder(nn.Module):
         return height // self.patch_size, width // self.patch_size
 
     def forward(self, images, keep_idx=None, keep_valid=None):
-        """Shape: images (B, C, H, W); keep_idx, keep_valid (B, K) or None (keep all N) -> (B, K, D).
+        """Shape: images (B, 3, H, W); keep_idx, keep_valid (B, K) or None (keep all N) -> (B, K, D).
         Padded positions hold 0 when the tokens are packed and arbitrary values otherwise: callers
         read only the valid ones."""
         h, w = self.grid(*images.shape[-2:])
@@ -154,7 +153,7 @@ class Encoder(nn.Module):
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         layout = TokenLayout(keep_valid)
-        x = layout.pack(x)                                                       # (S, D) or (B, K, D)
+        x = layout.pack(x)                                                       # (U, D) or (B, K, D)
         for block in self.blocks:
             x = block(x, layout)
         return layout.unpack(self.norm(x))                                       # (B, K, D)
@@ -192,7 +191,7 @@ class Predictor(nn.Module):
         x = torch.cat([x, queries], 1)                                          # (R, K + T, E)
         valid = torch.cat([context_valid.repeat_interleave(num_blocks, 0), target_valid], 1)
         layout = TokenLayout(valid)
-        x = layout.pack(x)                                                       # (S, E) or (R, K + T, E)
+        x = layout.pack(x)                                                       # (U, E) or (R, K + T, E)
         for block in self.blocks:
             x = block(x, layout)
         return self.proj(self.norm(layout.unpack(x)[:, context.shape[1]:]))   # (R, T, D)
@@ -226,25 +225,25 @@ def count_params(module):
 # ---- faster paths: token packing and the CPU-bf16 attention, behind the interface used above
 
 class TokenLayout:
-    """Where the real tokens of a padded (B, L) batch sit.
+    """Where the real tokens of a padded (B, X) batch sit.
 
     Layer norms, linear layers and the MLP treat tokens one by one, so they run on the packed real
-    tokens, (S, C) with S = sum of the valid flags, and spend nothing on padding; only attention,
-    which mixes the tokens of one sample, needs them in padded (B, L, C) form, with padded keys
+    tokens, (U, width) with U = sum of the valid flags, and spend nothing on padding; only attention,
+    which mixes the tokens of one sample, needs them in padded (B, X, width) form, with padded keys
     masked out. See `packs_tokens` for when.
     """
 
     def __init__(self, valid):
-        self.attn_mask = None if valid is None else valid[:, None, None, :]     # (B, 1, 1, L), True = real key
+        self.attn_mask = None if valid is None else valid[:, None, None, :]     # (B, 1, 1, X), True = real key
         self.packed = valid is not None and packs_tokens(valid.device, torch.compiler.is_compiling())
-        self.index = real_positions(valid) if self.packed else None             # (S,)
+        self.index = real_positions(valid) if self.packed else None             # (U,)
 
     def pack(self, x):
-        """(B, L, C) -> (S, C) when packed, else unchanged."""
+        """(B, X, width) -> (U, width) when packed, else unchanged."""
         return x.flatten(0, 1)[self.index] if self.packed else x
 
     def unpack(self, x):
-        """(S, C) -> (B, L, C) with zeros at padding when packed, else unchanged."""
+        """(U, width) -> (B, X, width) with zeros at padding when packed, else unchanged."""
         if not self.packed:
             return x
         batch, length = self.attn_mask.shape[0], self.attn_mask.shape[-1]
@@ -253,8 +252,8 @@ class TokenLayout:
 
 
 def packs_tokens(device, compiled):
-    """Whether TokenLayout packs the real tokens. Packing needs their count S on the host, which
-    varies every step: free on the CPU, where a compiled graph then takes S as a dynamic size; a
+    """Whether TokenLayout packs the real tokens. Packing needs their count U on the host, which
+    varies every step: free on the CPU, where a compiled graph then takes U as a dynamic size; a
     sync on a GPU, tolerated in eager mode but not in a compiled graph, which keeps fixed padded
     (bucketed) shapes there instead."""
     return device.type == "cpu" or not compiled
@@ -262,7 +261,7 @@ def packs_tokens(device, compiled):
 
 @torch.compiler.disable  # nonzero's output length depends on the data: computed outside any graph
 def real_positions(valid):
-    """Flat indices of the True entries of `valid`. Shape: (B, L) -> (S,)."""
+    """Flat indices of the True entries of `valid`. Shape: (B, X) -> (U,)."""
     return valid.flatten().nonzero().squeeze(1)
 
 
@@ -280,9 +279,9 @@ def explicit_attention(q, k, v, key_valid):
 
     Under bf16 autocast the scores are rounded to bf16 before the softmax, as in any attention
     written with matmuls (nanoGPT's non-flash path); fused kernels keep them in fp32.
-    Shape: q, k, v (B, heads, L, d); key_valid (B, 1, 1, L) or None -> (B, heads, L, d).
+    Shape: q, k, v (B, heads, X, d); key_valid (B, 1, 1, X) or None -> (B, heads, X, d).
     """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                  # (B, heads, L, L)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                  # (B, heads, X, X)
     if key_valid is not None:
         scores = scores.masked_fill(~key_valid, float("-inf"))
     return scores.softmax(-1) @ v
@@ -298,7 +297,8 @@ def main(argv=None):
     for name, sizes in PRESETS.items():
         encoder, predictor = build_encoder(name, 224, 16), build_predictor(name)
         print(f"{name:6} {sizes['embed_dim']:>4} {sizes['depth']:>5} {sizes['num_heads']:>5} "
-              f"{sizes['pred_dim']:>4} {sizes['pred_depth']:>10} {count_params(encoder) / 1e6:>10.2f}M {count_params(predictor) / 1e6:>10.2f}M")
+              f"{sizes['pred_dim']:>4} {sizes['pred_depth']:>10} {count_params(encoder) / 1e6:>10.2f}M "
+              f"{count_params(predictor) / 1e6:>10.2f}M")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ class SeededItems(torch.utils.data.Dataset):
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             # The CPU generator only: torch.manual_seed would also queue seeds for CUDA, XPU and MTIA,
-            # recording a stack trace each time, which took 60% of CIFAR-10's loading time.
+            # recording a stack trace each time, which costs more than loading a small image.
             torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
@@ -442,11 +442,10 @@ class Stop:
 def slow_cpu_bf16():
     """None, or a sentence saying that this CPU runs bf16 matmuls more than 10x slower than fp32. torch's
     fast bf16 matmul (oneDNN) needs AVX-512 (fastest with AVX-512 BF16 or AMX); without it a generic
-    kernel runs: a 2048^2 product ran about 400x slower than in fp32 on an AVX2-only EPYC (README,
-    Performance). AVX-512 without BF16 emulates bf16 at a few times fp32's cost, which still trains.
-    Timed on one thread, best of 3 products of 256 x 256 after a warmup (large enough that call overheads
-    do not decide): with every thread, a busy neighbour stalls the short fp32 product more than the long
-    bf16 one and hides the gap. About 0.1 s on the AVX2 EPYC."""
+    kernel runs, orders of magnitude slower than fp32. AVX-512 without BF16 emulates bf16 at a few
+    times fp32's cost, which still trains. Timed on one thread, best of 3 products of 256 x 256 after a
+    warmup (large enough that call overheads do not decide): with every thread, a busy neighbour stalls
+    the short fp32 product more than the long bf16 one and hides the gap."""
     def seconds(dtype):
         a, times = torch.randn(256, 256).to(dtype), []
         for _ in range(4):

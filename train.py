@@ -12,8 +12,8 @@ One step (I-JEPA, Assran et al. 2023, with LeJEPA's SIGReg, Balestriero & LeCun 
     4. loss = (1 - lam) * L2(p, y) + lam * SIGReg(context embeddings)           (losses.py)
     5. AdamW step on context encoder + predictor, THEN the EMA update of the target encoder.
 
-Shape legend: B batch (per process), N patches, K visible context tokens (padded), M target blocks,
-R = B * M predictor rows, T tokens per target block (padded), D encoder width.
+Shape legend (model.py has it whole): B images per process, N patches, K visible context tokens (padded),
+M target blocks, R = B * M predictor rows, T tokens per target block (padded), D width, L slicing directions.
 """
 import copy
 import dataclasses
