@@ -32,7 +32,7 @@ What is measured, all in one run, so that every ratio compares numbers taken sid
 How to read it: absolute times on a shared machine mean little, ratios from one run do. On CPU keep
 torch's threads <= free cores (OMP_NUM_THREADS): oversubscribed cores stall PyTorch ops several-fold.
 A CPU without AVX-512 runs torch's bf16 matmuls on a generic kernel, hundreds of times slower than fp32
-(train.slow_cpu_bf16 times it): there the default measures fp32 alone, and an explicit bf16 is refused.
+(runs.slow_cpu_bf16 times it): there the default measures fp32 alone, and an explicit bf16 is refused.
 On CPU, memory is the process's peak RSS (torch's allocator is invisible to tracemalloc); it includes
 Python and torch themselves. torch.compile times are smaller when inductor's on-disk cache is warm.
 """
@@ -59,10 +59,43 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import masks
 import model
+import runs
 import train
 
+SIZES = ("embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRESET_SETTINGS = [("tiny", 224, 16), ("small", 224, 16), ("base", 224, 16)]
+
+
+# ----------------------------------------------------------------------------- analytic FLOPs of the model
+
+def block_flops(length, dim, mlp_ratio=4.0):
+    """Forward multiply-add FLOPs (x2) of one Block on a length-X sequence: the qkv, proj and MLP
+    matmuls, 2 X D (3D + D + 2 mlp_ratio D), plus attention scores and weighted sum, 2 * 2 X^2 D."""
+    return 2 * length * dim * (4 * dim + 2 * int(dim * mlp_ratio)) + attention_flops(length, dim)
+
+
+def attention_flops(length, dim):
+    """Forward FLOPs of attention's two batched products, Q K^T and P V, on a length-X sequence."""
+    return 4 * length * length * dim
+
+
+def encoder_flops(encoder, num_tokens):
+    """Forward FLOPs per image for `num_tokens` kept tokens (patch embedding on all N is not
+    counted here; see `patch_embed_flops`)."""
+    return len(encoder.blocks) * block_flops(num_tokens, encoder.embed_dim, encoder.mlp_ratio)
+
+
+def patch_embed_flops(encoder, num_patches):
+    return 2 * num_patches * encoder.patch_embed.weight[0].numel() * encoder.embed_dim
+
+
+def predictor_flops(predictor, num_context, num_targets, embed_dim, num_blocks):
+    """Forward FLOPs per image: the context is embedded once, then each of the M rows runs the
+    blocks on K + T tokens and projects its T outputs back to D."""
+    per_row = (len(predictor.blocks) * block_flops(num_context + num_targets, predictor.pred_dim, predictor.mlp_ratio)
+               + 2 * num_targets * predictor.pred_dim * embed_dim)
+    return 2 * num_context * embed_dim * predictor.pred_dim + num_blocks * per_row
 
 
 # ----------------------------------------------------------------------------- timing and memory
@@ -157,27 +190,27 @@ def analytic_step_flops(encoder, predictor, step_masks, num_patches, packed):
     num_blocks, padded_t, dim = target_valid.shape[0] // batch, target_valid.shape[1], encoder.embed_dim
     k = context_valid.sum(1).long()                                               # (B,) real visible tokens
     t = target_valid.sum(1).long().view(batch, num_blocks)                        # (B, M) real target tokens
-    # Predictor.flops assumes one T for all M rows: embed the context once, add each row on its own T.
-    embed = predictor.flops(k, 0, dim, 0)                                         # (B,)
-    rows = predictor.flops(k[:, None], t, dim, 1) - embed[:, None]                # (B, M)
-    patch_embed = encoder.patch_embed_flops(num_patches)
-    split = {"target": encoder.flops(num_patches) + patch_embed,
-             "context": 3 * float(encoder.flops(k).double().mean()) + 2 * patch_embed,
+    # predictor_flops assumes one T for all M rows: embed the context once, add each row on its own T.
+    embed = predictor_flops(predictor, k, 0, dim, 0)                                         # (B,)
+    rows = predictor_flops(predictor, k[:, None], t, dim, 1) - embed[:, None]                # (B, M)
+    patch_embed = patch_embed_flops(encoder, num_patches)
+    split = {"target": encoder_flops(encoder, num_patches) + patch_embed,
+             "context": 3 * float(encoder_flops(encoder, k).double().mean()) + 2 * patch_embed,
              "predictor": 3 * float((embed + rows.sum(1)).double().mean())}
     useful = sum(split.values())
     if packed:
         pred_dim, pred_depth = predictor.pred_dim, len(predictor.blocks)
-        extra_attention = (len(encoder.blocks) * (model.attention_flops(padded_k, dim)
-                                                  - model.attention_flops(k, dim).double().mean())
-                           + num_blocks * pred_depth * (model.attention_flops(padded_k + padded_t, pred_dim)
-                                                        - model.attention_flops(k[:, None] + t, pred_dim)
+        extra_attention = (len(encoder.blocks) * (attention_flops(padded_k, dim)
+                                                  - attention_flops(k, dim).double().mean())
+                           + num_blocks * pred_depth * (attention_flops(padded_k + padded_t, pred_dim)
+                                                        - attention_flops(k[:, None] + t, pred_dim)
                                                         .double().mean(1).mean()))
         extra_embed = 2 * (padded_k - k.double().mean()) * dim * pred_dim
         extra_proj = num_blocks * 2 * (padded_t - t.double().mean()) * pred_dim * dim
         executed = useful + 3 * float(extra_attention + extra_embed + extra_proj)
     else:
-        executed = (encoder.flops(num_patches) + 3 * encoder.flops(padded_k)
-                    + 3 * predictor.flops(padded_k, padded_t, dim, num_blocks) + 3 * patch_embed)
+        executed = (encoder_flops(encoder, num_patches) + 3 * encoder_flops(encoder, padded_k)
+                    + 3 * predictor_flops(predictor, padded_k, padded_t, dim, num_blocks) + 3 * patch_embed)
     return {"useful": useful, "executed": float(executed),
             "padding_share": 1 - (useful - 3 * patch_embed) / (executed - 3 * patch_embed), **split}
 
@@ -453,7 +486,7 @@ def bench_official(ijepa, cfgs, steps, ours_rows):
     cfg = dataclasses.replace(cfgs[0], compile=False)
     print(f"  measuring the official I-JEPA step, {label(vars(cfg))} ...", flush=True)
     device, warmup = torch.device(cfg.device), WARMUP_STEPS
-    sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in train.SIZES})
+    sizes = model.preset(cfg.model, **{k: getattr(cfg, k) for k in SIZES})
     collator = official_collator(ijepa, cfg, batches=warmup + steps)
     torch.manual_seed(cfg.seed)  # their init and their block positions use torch's global generator
     # Built by their helper.init_model, but with OUR preset's predictor width and depth (their configs
@@ -658,7 +691,7 @@ def main():
     args = parse_args()
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     precisions = args.precision.split(",") if args.precision else ["fp32", "bf16"]
-    bf16_problem = device.type == "cpu" and "bf16" in precisions and train.slow_cpu_bf16()
+    bf16_problem = device.type == "cpu" and "bf16" in precisions and runs.slow_cpu_bf16()
     if bf16_problem and args.precision:
         raise SystemExit(f"bench.py: error: --precision {args.precision}: {bf16_problem}, so a bf16 step would "
                          f"take minutes; use --precision fp32 or leave it out")
@@ -670,7 +703,7 @@ def main():
         configs = [train.resolve(train.Config(model=name, img_size=img, patch_size=patch, batch_size=args.batch_size,
                                               precision=p, compile=c, device=device.type))
                    for name, img, patch in settings for p in precisions for c in compiles]
-    except train.UsageError as error:
+    except runs.UsageError as error:
         raise SystemExit(f"bench.py: error: {error}")
     ijepa = None
     if args.ijepa:  # checked before any measurement, so a wrong path fails at once

@@ -603,9 +603,9 @@ def random_resized_crop_flip(images_uint8: torch.Tensor, out_size: int, scale=AU
                              generator: torch.Generator | None = None) -> torch.Tensor:
     """Batched RandomResizedCrop + horizontal flip (p=0.5) of square images, on their device.
 
-    (B, 3, S, S) uint8 -> (B, 3, out_size, out_size) float32 in 0..255 (normalize() accepts it).
+    (B, 3, side, side) uint8 -> (B, 3, out_size, out_size) float32 in 0..255 (normalize() accepts it).
     Boxes are drawn as in RandomResizedCrop and `_random_crop_box` (see `crop_boxes`). Sampling is
-    bilinear without antialiasing, which is fine when out_size is not much smaller than S.
+    bilinear without antialiasing, which is fine when out_size is not much smaller than side.
     `generator`, if given, must be on the same device.
     """
     batch, device = images_uint8.shape[0], images_uint8.device

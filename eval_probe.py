@@ -12,15 +12,14 @@ baseline that any number from a trained one must beat. Accuracies are fractions 
 
 Shapes:
   B  images in a batch         N  patches per image         D  feature width
-  M  train features            Q  query (val) features      C  classes
-  K  neighbours in the k-NN vote
+  G  train features (gallery)  Q  query (val) features      C  classes
+  V  neighbours that vote in the k-NN (--k)
 """
 
 import argparse
 import json
 import os
 import sys
-import zipfile
 
 import torch
 import torch.nn as nn
@@ -29,12 +28,10 @@ from tqdm import tqdm
 
 from data import DataError, build_dataset, fingerprint, normalize
 from model import build_encoder
+import runs
+from runs import UsageError
 
 WEIGHT_DECAYS = (0.0, 1e-5, 1e-4, 1e-3, 1e-2)
-
-
-class EvalError(ValueError):
-    """A problem the user can fix: a missing or mismatched checkpoint, an absent device."""
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -54,19 +51,19 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
 def knn_classify(train_x, train_y, query_x, num_classes, k=20, temperature=0.07, chunk_size=1024):
     """Weighted k-NN vote, as in InstDisc / DINO.
 
-    With unit vectors z = x/|x|, each query q takes its K most similar train features
+    With unit vectors z = x/|x|, each query q takes its V most similar train features
     (s_j = <z_q, z_j>) and scores class c as  sum_{j in topK, y_j = c} exp(s_j / temperature).
     A small temperature lets the closest neighbours dominate the vote.
 
-    Shape: train_x (M, D), train_y (M,), query_x (Q, D) -> scores (Q, C)
+    Shape: train_x (G, D), train_y (G,), query_x (Q, D) -> scores (Q, C)
     """
     train_z = F.normalize(train_x.float(), dim=1)
     k = min(k, len(train_z))
     scores = []
-    # Chunking keeps the (chunk, M) similarity matrix small whatever Q is.
+    # Chunking keeps the (chunk, G) similarity matrix small whatever Q is.
     for query in query_x.split(chunk_size):
-        similarity = F.normalize(query.float(), dim=1) @ train_z.T          # (chunk, M)
-        top_sim, top_idx = similarity.topk(k, dim=1)                         # (chunk, K)
+        similarity = F.normalize(query.float(), dim=1) @ train_z.T          # (chunk, G)
+        top_sim, top_idx = similarity.topk(k, dim=1)                         # (chunk, V)
         votes = torch.zeros(len(query), num_classes)
         votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
         scores.append(votes)
@@ -84,7 +81,7 @@ def fit_logistic_regression(x, y, num_classes, weight_decay, epochs, init=None) 
     the same optimum every time. `init` warm-starts from another fit, which makes a sweep
     over weight decays cheap.
 
-    Shape: x (M, D), y (M,) -> Linear(D, C)
+    Shape: x (G, D), y (G,) -> Linear(D, C)
     """
     linear = nn.Linear(x.shape[1], num_classes)
     if init is not None:
@@ -113,7 +110,7 @@ def linear_probe(train_x, train_y, val_x, val_y, num_classes, weight_decays=WEIG
     decay is fit on 90% of train and scored on the other 10%; the best one is refit on
     all of train and evaluated once on val.
 
-    Shape: train_x (M, D), train_y (M,), val_x (Q, D), val_y (Q,)
+    Shape: train_x (G, D), train_y (G,), val_x (Q, D), val_y (Q,)
     Returns: {"top1", "top5" (only if C > 10), "best_weight_decay", "heldout_top1": {wd: acc}}
     """
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
@@ -157,8 +154,8 @@ def extract_features(encoder, loader, device) -> tuple[torch.Tensor, torch.Tenso
 
     feature(image) = (1/N) sum_n encoder(image)[n]
 
-    Shape: loader yields uint8 images (B, 3, H, W) and labels (B,) -> features (M, D) float32
-           on the CPU, labels (M,) long
+    Shape: loader yields uint8 images (B, 3, H, W) and labels (B,) -> features (G, D) float32
+           on the CPU, labels (G,) long
     """
     encoder.eval()  # our ViT has no dropout or batch norm, but a fork's might: features must be deterministic
     features, labels = [], []
@@ -177,37 +174,18 @@ def extract_features(encoder, loader, device) -> tuple[torch.Tensor, torch.Tenso
 REQUIRED_CONFIG_KEYS = ("data", "model", "img_size", "patch_size")
 
 
-def brief(message: str, limit: int = 200) -> str:
-    """The first sentence of a long, multi-line torch error message."""
-    sentence = message.strip().split("\n")[0].split(". ")[0].strip()
-    return sentence if len(sentence) <= limit else sentence[:limit] + "..."
-
-
 def load_checkpoint(path: str) -> dict:
     """The checkpoint dict written by train.py, checked for the keys this script reads."""
     if not os.path.isfile(path):
-        raise EvalError(f"no checkpoint at {path} (train first, or pass --ckpt RUN/ckpt.pt; --random-init "
-                        f"reads the architecture from one too)")
-    try:  # every zip entry of a torch checkpoint carries a CRC-32, which torch.load does not verify
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip() is not None
-    except (zipfile.BadZipFile, OSError):
-        raise EvalError(f"{path} is not a train.py checkpoint (not a zip archive)") from None
-    if damaged:
-        raise EvalError(f"{path} is damaged (a CRC check failed): evaluate another checkpoint (train.py keeps "
-                        f"the one before as ckpt_prev.pt)")
-    try:
-        # weights_only: a checkpoint is data, and unpickling arbitrary objects runs code.
-        # mmap: tensors are paged in when used, so the optimizer state and the other networks stay on disk.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:
-        reason = brief(str(error).split("WeightsUnpickler error:")[-1])
-        raise EvalError(f"cannot load {path} with weights_only=True: {reason}") from None
+        raise UsageError(f"no checkpoint at {path} (train first, or pass --ckpt RUN/ckpt.pt; --random-init "
+                         f"reads the architecture from one too)")
+    # mmap: the optimizer state and the other networks stay on disk.
+    checkpoint = runs.read_checkpoint(path, mmap=True)
     config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
     missing = [key for key in REQUIRED_CONFIG_KEYS if not isinstance(config, dict) or key not in config]
     if missing or "step" not in checkpoint:
-        raise EvalError(f"{path} is not a train.py checkpoint: it lacks "
-                        f"{', '.join(['config.' + key for key in missing] or ['step'])}")
+        raise UsageError(f"{path} is not a train.py checkpoint: it lacks "
+                         f"{', '.join(['config.' + key for key in missing] or ['step'])}")
     return checkpoint
 
 
@@ -220,18 +198,18 @@ def build_frozen_encoder(checkpoint: dict, which: str, random_init: bool) -> nn.
                                 embed_dim=config.get("embed_dim"), depth=config.get("depth"),
                                 num_heads=config.get("num_heads"))
     except (ValueError, TypeError) as error:
-        raise EvalError(f"cannot build the encoder in the checkpoint's config: {error}") from None
+        raise UsageError(f"cannot build the encoder in the checkpoint's config: {error}") from None
     if not random_init:
         key = f"{which}_encoder"
         if key not in checkpoint:
-            raise EvalError(f"the checkpoint has no '{key}' weights")
+            raise UsageError(f"the checkpoint has no '{key}' weights")
         try:
             encoder.load_state_dict(checkpoint[key])
         except RuntimeError as error:  # "Error(s) in loading state_dict for Encoder: <details>"
-            raise EvalError(f"'{key}' does not match the {config['model']} architecture in the "
-                            f"checkpoint's config: {brief(str(error).split(':', 1)[-1])}") from None
+            raise UsageError(f"'{key}' does not match the {config['model']} architecture in the "
+                            f"checkpoint's config: {runs.brief(str(error).split(':', 1)[-1])}") from None
         if not all(torch.isfinite(weight).all() for weight in encoder.state_dict().values()):
-            raise EvalError(f"the checkpoint's '{key}' weights hold NaN or Inf (the run diverged): "
+            raise UsageError(f"the checkpoint's '{key}' weights hold NaN or Inf (the run diverged): "
                             f"evaluate an earlier checkpoint")
     return encoder.requires_grad_(False)
 
@@ -245,8 +223,7 @@ def features_of_split(encoder, dataset, args, device) -> dict:
         # A random subset: the first N items of a class-sorted dataset would be one class.
         chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
         dataset = torch.utils.data.Subset(dataset, chosen[:args.limit].sort().values.tolist())
-    # As in train.py: on a CPU, loader processes would take the cores the encoder needs.
-    workers = args.workers if args.workers is not None else 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    workers = args.workers if args.workers is not None else runs.default_workers(device.type)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     features, labels = extract_features(encoder, loader, device)
@@ -276,20 +253,8 @@ def cached(path: str | None, key: dict, compute) -> dict:
 
 # ----------------------------------------------------------------------------- command line
 
-def pick_device(name: str) -> torch.device:
-    """The named device, or for "auto" the first of cuda, mps, cpu that this machine has."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(device for device, present in available.items() if present)
-    if not available[name]:
-        raise EvalError(f"--device {name} is not available on this machine")
-    return torch.device(name)
-
-
 def exit_usage(message: str) -> None:
-    """argparse's errors and ours alike: one line, exit code 2."""
-    print(f"eval_probe.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    runs.exit_usage(message, program="eval_probe.py")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -325,7 +290,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     """Features of both splits (cached), then both classifiers: the dict that main() reports."""
     checkpoint = load_checkpoint(args.ckpt)
     config = checkpoint["config"]
-    device = pick_device(args.device)
+    device = torch.device(runs.pick_device(args.device))
     encoder = build_frozen_encoder(checkpoint, args.encoder, args.random_init).to(device)
     # A different dataset does not live in the checkpoint's data_dir.
     if args.data_dir is None and args.data in (None, config["data"]):
@@ -376,7 +341,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         result = evaluate(args)
-    except (EvalError, DataError) as error:
+    except (UsageError, DataError) as error:
         exit_usage(str(error))
     except KeyboardInterrupt:
         print("eval_probe.py: interrupted", file=sys.stderr)

@@ -1,15 +1,14 @@
 """ViT encoder and narrow ViT predictor for an image JEPA.
 
-Shape legend
-    B   batch size                      C   image channels (3)
-    H,W image height, width             P   patch size
+Shape legend (the project's; losses.py adds S, L, J)
+    B   images per process              H,W image height, width; P patch size
     h,w patch grid (H/P, W/P)           N   patches per image, h * w, numbered row-major
-    K   kept tokens per sample (the visible context), padded to the batch maximum
-    M   target blocks per sample        T   tokens per target block, padded to the batch maximum
-    R   rows of the predictor batch, B * M (one row per sample and target block)
+    K   visible context tokens per image, padded to the batch maximum
+    M   target blocks per image         T   tokens per target block, padded to the batch maximum
+    R   predictor rows, B * M (one row per image and target block)
     D   encoder width                   E   predictor width
-    L   sequence length seen by a Transformer block
-    S   real (unpadded) tokens of a batch, packed one after another
+    X   tokens in the sequence a Transformer block sees (N, K, or K + T)
+    U   real (unpadded) tokens of a batch, packed one after another
 
 Padding: a sample keeps *all* its visible patches. Shorter samples are padded to the batch maximum,
 and each padded position is flagged invalid: no real token attends to it (attention mask), and the
@@ -17,6 +16,7 @@ losses and pooled features skip it. A sample's outputs are thus the same alone o
 Inside the Transformer the real tokens are packed (on the CPU always, on a GPU in eager mode; see
 TokenLayout and packs_tokens), so padding costs FLOPs only in attention.
 """
+import argparse
 import math
 
 import torch
@@ -43,8 +43,7 @@ def sincos_pos_embed(h, w, dim, device=None):
     Computed for any grid, so a model trained at one resolution runs at another.
     Shape: returns (h * w, dim), row-major like the patches.
     """
-    if dim % 4:
-        raise ValueError(f"width {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
+    check_width(dim)
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, device=device) / (dim // 4))         # (dim/4,)
     rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     angles_r = rows.flatten()[:, None] * freqs                                            # (N, dim/4)
@@ -52,58 +51,10 @@ def sincos_pos_embed(h, w, dim, device=None):
     return torch.cat([angles_r.sin(), angles_r.cos(), angles_c.sin(), angles_c.cos()], 1)   # (N, dim)
 
 
-class TokenLayout:
-    """Where the real tokens of a padded (B, L) batch sit.
-
-    Layer norms, linear layers and the MLP treat tokens one by one, so they run on the packed real
-    tokens, (S, C) with S = sum of the valid flags, and spend nothing on padding; only attention,
-    which mixes the tokens of one sample, needs them in padded (B, L, C) form, with padded keys
-    masked out (README, Performance, measures what this saves). See `packs_tokens` for when.
-    """
-
-    def __init__(self, valid):
-        self.attn_mask = None if valid is None else valid[:, None, None, :]     # (B, 1, 1, L), True = real key
-        self.packed = valid is not None and packs_tokens(valid.device, torch.compiler.is_compiling())
-        self.index = real_positions(valid) if self.packed else None             # (S,)
-
-    def pack(self, x):
-        """(B, L, C) -> (S, C) when packed, else unchanged."""
-        return x.flatten(0, 1)[self.index] if self.packed else x
-
-    def unpack(self, x):
-        """(S, C) -> (B, L, C) with zeros at padding when packed, else unchanged."""
-        if not self.packed:
-            return x
-        batch, length = self.attn_mask.shape[0], self.attn_mask.shape[-1]
-        padded = x.new_zeros(batch * length, x.shape[-1])
-        return padded.index_copy(0, self.index, x).view(batch, length, -1)
-
-
-def packs_tokens(device, compiled):
-    """Whether TokenLayout packs the real tokens. Packing needs their count S on the host, which
-    varies every step: free on the CPU, where a compiled graph then takes S as a dynamic size; a
-    sync on a GPU, tolerated in eager mode but not in a compiled graph, which keeps fixed padded
-    (bucketed) shapes there instead."""
-    return device.type == "cpu" or not compiled
-
-
-@torch.compiler.disable  # nonzero's output length depends on the data: computed outside any graph
-def real_positions(valid):
-    """Flat indices of the True entries of `valid`. Shape: (B, L) -> (S,)."""
-    return valid.flatten().nonzero().squeeze(1)
-
-
-def explicit_attention(q, k, v, key_valid):
-    """softmax(Q K^T / sqrt(d) + mask) V (Vaswani et al. 2017), with mask = -inf at padded keys.
-
-    Under bf16 autocast the scores are rounded to bf16 before the softmax, as in any attention
-    written with matmuls (nanoGPT's non-flash path); fused kernels keep them in fp32.
-    Shape: q, k, v (B, heads, L, d); key_valid (B, 1, 1, L) or None -> (B, heads, L, d).
-    """
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                  # (B, heads, L, L)
-    if key_valid is not None:
-        scores = scores.masked_fill(~key_valid, float("-inf"))
-    return scores.softmax(-1) @ v
+def check_width(dim):
+    """The 2-D sin-cos embedding splits the width in four: row and column, each sin and cos."""
+    if dim % 4:
+        raise ValueError(f"width {dim} must be divisible by 4 for the 2-D sin-cos position embedding")
 
 
 class Attention(nn.Module):
@@ -116,19 +67,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, layout):
-        """Shape: x (S, dim) packed or (B, L, dim) padded, as `layout` says -> the same."""
-        qkv = layout.unpack(self.qkv(x))                                        # (B, L, 3 dim)
+        """Shape: x (U, dim) packed or (B, X, dim) padded, as `layout` says -> the same."""
+        qkv = layout.unpack(self.qkv(x))                                        # (B, X, 3 dim)
         b, length, dim = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         q, k, v = qkv.view(b, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        # each (B, heads, L, dim/heads). Fused kernels on GPU; no probabilities stored. On CPU in bf16,
-        # torch 2.13's fused kernel was 2-4x slower than its math path at these lengths (L = 40-64),
-        # and its math path slower than attention written out, in a whole bf16 training step (README,
-        # Performance), so there attention is written out.
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            x = explicit_attention(q, k, v, layout.attn_mask)
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.attn_mask)
-        return self.proj(layout.pack(x.transpose(1, 2).reshape(b, length, dim)))   # (S, dim) or (B, L, dim)
+        x = attend(q, k, v, layout.attn_mask)                                   # (B, heads, X, dim/heads)
+        return self.proj(layout.pack(x.transpose(1, 2).reshape(b, length, dim)))   # (U, dim) or (B, X, dim)
 
 
 class MLP(nn.Module):
@@ -174,17 +118,6 @@ def init_weights(module, blocks):
             block.mlp.fc2.weight.div_(math.sqrt(2.0 * (layer + 1)))
 
 
-def block_flops(length, dim, mlp_ratio=4.0):
-    """Forward multiply-add FLOPs (x2) of one Block on a length-L sequence: the qkv, proj and MLP
-    matmuls, 2 L D (3D + D + 2 mlp_ratio D), plus attention scores and weighted sum, 2 * 2 L^2 D."""
-    return 2 * length * dim * (4 * dim + 2 * int(dim * mlp_ratio)) + attention_flops(length, dim)
-
-
-def attention_flops(length, dim):
-    """Forward FLOPs of attention's two batched products, Q K^T and P V, on a length-L sequence."""
-    return 4 * length * length * dim
-
-
 # ----------------------------------------------------------------------------- encoder
 
 class Encoder(nn.Module):
@@ -194,6 +127,7 @@ class Encoder(nn.Module):
 
     def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, in_chans=3):
         super().__init__()
+        check_width(embed_dim)
         self.patch_size, self.embed_dim = patch_size, embed_dim
         self.mlp_ratio = mlp_ratio
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -208,28 +142,21 @@ class Encoder(nn.Module):
         return height // self.patch_size, width // self.patch_size
 
     def forward(self, images, keep_idx=None, keep_valid=None):
-        """Shape: images (B, C, H, W); keep_idx, keep_valid (B, K) or None (keep all N) -> (B, K, D).
+        """Shape: images (B, 3, H, W); keep_idx, keep_valid (B, K) or None (keep all N) -> (B, K, D).
         Padded positions hold 0 when the tokens are packed and arbitrary values otherwise: callers
         read only the valid ones."""
         h, w = self.grid(*images.shape[-2:])
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)                 # (B, N, D)
-        x = x + sincos_pos_embed(h, w, self.embed_dim, x.device).to(x.dtype)
+        # The residual stream stays fp32 under bf16 autocast (as in ViT and I-JEPA): only the matmuls
+        # inside the blocks run in bf16, and each block adds its output to the fp32 stream.
+        x = self.patch_embed(images).flatten(2).transpose(1, 2).float()         # (B, N, D)
+        x = x + sincos_pos_embed(h, w, self.embed_dim, x.device)
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, D)
         layout = TokenLayout(keep_valid)
-        x = layout.pack(x)                                                       # (S, D) or (B, K, D)
+        x = layout.pack(x)                                                       # (U, D) or (B, K, D)
         for block in self.blocks:
             x = block(x, layout)
         return layout.unpack(self.norm(x))                                       # (B, K, D)
-
-    def flops(self, num_tokens):
-        """Forward FLOPs per image for `num_tokens` kept tokens (patch embedding on all N is
-        not counted here; see `patch_embed_flops`)."""
-        return len(self.blocks) * block_flops(num_tokens, self.embed_dim, self.mlp_ratio)
-
-    def patch_embed_flops(self, num_patches):
-        return 2 * num_patches * self.patch_embed.weight[0].numel() * self.embed_dim
-
 
 # ----------------------------------------------------------------------------- predictor
 
@@ -243,6 +170,7 @@ class Predictor(nn.Module):
 
     def __init__(self, embed_dim=384, pred_dim=192, depth=6, num_heads=6, mlp_ratio=4.0):
         super().__init__()
+        check_width(pred_dim)
         self.pred_dim, self.mlp_ratio = pred_dim, mlp_ratio
         self.embed = nn.Linear(embed_dim, pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(pred_dim))
@@ -256,25 +184,17 @@ class Predictor(nn.Module):
         """Shape: context (B, K, D); context_idx, context_valid (B, K); target_idx, target_valid
         (R, T) with R = B * M, row b * M + m for sample b, block m; grid (h, w) -> (R, T, D)."""
         num_blocks = target_idx.shape[0] // context.shape[0]
-        pos = sincos_pos_embed(*grid, self.pred_dim, context.device).to(context.dtype)               # (N, E)
+        pos = sincos_pos_embed(*grid, self.pred_dim, context.device)           # (N, E), fp32 like the stream
         x = self.embed(context) + pos[context_idx]                              # (B, K, E)
         x = x.repeat_interleave(num_blocks, 0)                                  # (R, K, E)
         queries = self.mask_token + pos[target_idx]                             # (R, T, E)
         x = torch.cat([x, queries], 1)                                          # (R, K + T, E)
         valid = torch.cat([context_valid.repeat_interleave(num_blocks, 0), target_valid], 1)
         layout = TokenLayout(valid)
-        x = layout.pack(x)                                                       # (S, E) or (R, K + T, E)
+        x = layout.pack(x)                                                       # (U, E) or (R, K + T, E)
         for block in self.blocks:
             x = block(x, layout)
         return self.proj(self.norm(layout.unpack(x)[:, context.shape[1]:]))   # (R, T, D)
-
-    def flops(self, num_context, num_targets, embed_dim, num_blocks):
-        """Forward FLOPs per sample: the context is embedded once, then each of the M rows runs
-        the blocks on K + T tokens and projects its T outputs back to D."""
-        per_row = (len(self.blocks) * block_flops(num_context + num_targets, self.pred_dim, self.mlp_ratio)
-                   + 2 * num_targets * self.pred_dim * embed_dim)
-        return 2 * num_context * embed_dim * self.pred_dim + num_blocks * per_row
-
 
 # ----------------------------------------------------------------------------- presets
 
@@ -287,10 +207,10 @@ def preset(name, **overrides):
 
 def build_encoder(name, img_size, patch_size, embed_dim=None, depth=None, num_heads=None):
     """An Encoder of preset `name`; raises ValueError if img_size is not a multiple of patch_size."""
-    if img_size % patch_size:
-        raise ValueError(f"--img-size {img_size} is not divisible by --patch-size {patch_size}")
     sizes = preset(name, embed_dim=embed_dim, depth=depth, num_heads=num_heads)
-    return Encoder(patch_size, sizes["embed_dim"], sizes["depth"], sizes["num_heads"])
+    encoder = Encoder(patch_size, sizes["embed_dim"], sizes["depth"], sizes["num_heads"])
+    encoder.grid(img_size, img_size)
+    return encoder
 
 
 def build_predictor(name, embed_dim=None, pred_dim=None, pred_depth=None, pred_heads=None):
@@ -302,16 +222,84 @@ def count_params(module):
     return sum(p.numel() for p in module.parameters())
 
 
+# ---- faster paths: token packing and the CPU-bf16 attention, behind the interface used above
+
+class TokenLayout:
+    """Where the real tokens of a padded (B, X) batch sit.
+
+    Layer norms, linear layers and the MLP treat tokens one by one, so they run on the packed real
+    tokens, (U, width) with U = sum of the valid flags, and spend nothing on padding; only attention,
+    which mixes the tokens of one sample, needs them in padded (B, X, width) form, with padded keys
+    masked out. See `packs_tokens` for when.
+    """
+
+    def __init__(self, valid):
+        self.attn_mask = None if valid is None else valid[:, None, None, :]     # (B, 1, 1, X), True = real key
+        self.packed = valid is not None and packs_tokens(valid.device, torch.compiler.is_compiling())
+        self.index = real_positions(valid) if self.packed else None             # (U,)
+
+    def pack(self, x):
+        """(B, X, width) -> (U, width) when packed, else unchanged."""
+        return x.flatten(0, 1)[self.index] if self.packed else x
+
+    def unpack(self, x):
+        """(U, width) -> (B, X, width) with zeros at padding when packed, else unchanged."""
+        if not self.packed:
+            return x
+        batch, length = self.attn_mask.shape[0], self.attn_mask.shape[-1]
+        padded = x.new_zeros(batch * length, x.shape[-1])
+        return padded.index_copy(0, self.index, x).view(batch, length, -1)
+
+
+def packs_tokens(device, compiled):
+    """Whether TokenLayout packs the real tokens. Packing needs their count U on the host, which
+    varies every step: free on the CPU, where a compiled graph then takes U as a dynamic size; a
+    sync on a GPU, tolerated in eager mode but not in a compiled graph, which keeps fixed padded
+    (bucketed) shapes there instead."""
+    return device.type == "cpu" or not compiled
+
+
+@torch.compiler.disable  # nonzero's output length depends on the data: computed outside any graph
+def real_positions(valid):
+    """Flat indices of the True entries of `valid`. Shape: (B, X) -> (U,)."""
+    return valid.flatten().nonzero().squeeze(1)
+
+
+def attend(q, k, v, key_valid):
+    """F.scaled_dot_product_attention with padded keys masked out: fused kernels, no probabilities
+    stored. On a CPU in bf16 the fused kernel and its math path run slower than attention written
+    out with matmuls at these short lengths, so there it is written out."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return explicit_attention(q, k, v, key_valid)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid)
+
+
+def explicit_attention(q, k, v, key_valid):
+    """softmax(Q K^T / sqrt(d) + mask) V (Vaswani et al. 2017), with mask = -inf at padded keys.
+
+    Under bf16 autocast the scores are rounded to bf16 before the softmax, as in any attention
+    written with matmuls (nanoGPT's non-flash path); fused kernels keep them in fp32.
+    Shape: q, k, v (B, heads, X, d); key_valid (B, 1, 1, X) or None -> (B, heads, X, d).
+    """
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)                  # (B, heads, X, X)
+    if key_valid is not None:
+        scores = scores.masked_fill(~key_valid, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Print the model presets: widths, depths and parameter counts of encoder and predictor "
+                    "(FLOPs: bench.py). Writes nothing.", allow_abbrev=False)
+    parser.parse_args(argv)
+    print(f"{'preset':6} {'D':>4} {'depth':>5} {'heads':>5} {'E':>4} {'pred depth':>10} {'enc params':>11} "
+          f"{'pred params':>11}")
+    for name, sizes in PRESETS.items():
+        encoder, predictor = build_encoder(name, 224, 16), build_predictor(name)
+        print(f"{name:6} {sizes['embed_dim']:>4} {sizes['depth']:>5} {sizes['num_heads']:>5} "
+              f"{sizes['pred_dim']:>4} {sizes['pred_depth']:>10} {count_params(encoder) / 1e6:>10.2f}M "
+              f"{count_params(predictor) / 1e6:>10.2f}M")
+
+
 if __name__ == "__main__":
-    # A table of the presets: parameters and forward FLOPs per image at their usual resolution,
-    # for the target encoder (all N patches) and the context encoder (about half of them visible).
-    print(f"{'preset':6} {'img/patch':>9} {'N':>4} {'D':>4} {'depth':>5} {'enc params':>11} {'pred params':>11} "
-          f"{'GFLOPs all N':>12} {'GFLOPs N/2':>10}")
-    for name, img, patch in [("nano", 32, 4), ("tiny", 64, 8), ("tiny", 224, 16), ("small", 224, 16),
-                             ("base", 224, 16)]:
-        encoder, predictor = build_encoder(name, img, patch), build_predictor(name)
-        n = (img // patch) ** 2
-        full = (encoder.flops(n) + encoder.patch_embed_flops(n)) / 1e9
-        half = (encoder.flops(n // 2) + encoder.patch_embed_flops(n)) / 1e9
-        print(f"{name:6} {f'{img}/{patch}':>9} {n:>4} {encoder.embed_dim:>4} {len(encoder.blocks):>5} "
-              f"{count_params(encoder) / 1e6:>10.2f}M {count_params(predictor) / 1e6:>10.2f}M {full:>12.3f} {half:>10.3f}")
+    main()
