@@ -870,9 +870,15 @@ def write_row(path, row):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    cfg = None
     try:
         cfg = resolve(Config(**vars(args)))
         train(cfg)
+    except torch.OutOfMemoryError:
+        # Checkpoints are written atomically (save_checkpoint): the last one on disk stays whole.
+        sizes = "" if cfg is None else f" at --batch-size {cfg.batch_size}, --img-size {cfg.img_size}"
+        exit_usage(f"out of GPU memory{sizes}: lower --batch-size (or --img-size); checkpoints already "
+                   f"written are kept")
     except (UsageError, data.DataError) as error:
         # An error raised in a DataLoader worker arrives wrapped: its own message is the last line.
         exit_usage(str(error).strip().splitlines()[-1].removeprefix("data.DataError: "))
