@@ -368,8 +368,10 @@ def test_bench_refuses_bf16_where_it_is_slow_and_skips_it_by_default(monkeypatch
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--precision", "fp32,bf16"])
     with pytest.raises(SystemExit) as exit_info:
         bench.main()
-    assert str(exit_info.value).startswith("bench.py: error: --precision fp32,bf16: bf16 matmuls run 400x slower")
-    assert str(exit_info.value).endswith("use --precision fp32 or leave it out") and "\n" not in str(exit_info.value)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("bench.py: error: --precision fp32,bf16: bf16 matmuls run 400x slower")
+    assert err.endswith("use --precision fp32 or leave it out")
     measured = []
     class AllStepsMeasured(Exception):
         pass
@@ -1597,3 +1599,71 @@ def test_bf16_autocast_trains_on_cpu_and_the_checkpoint_feeds_eval_probe(tmp_pat
                               "--device", device.type])
     assert result["step"] == 3 and result["num_train"] == 200 and result["feature_dim"] == 32
     assert 0 <= result["linear_top1"] <= 1 and 0 <= result["knn_top1"] <= 1
+
+
+# ============================================================================= bench.py --gpu-check
+
+@pytest.mark.parametrize("args", [["--device", "tpu"], ["--device", "cuda"], ["--budget", "0"], ["--steps", "0"],
+                                  ["--gpu-chec", "x"]], ids=lambda a: " ".join(a))
+def test_bench_bad_arguments_get_one_line_and_exit_code_2(args, tmp_path, monkeypatch, capsys):
+    """Also --device cuda where there is no GPU (pretended absent on a GPU machine); abbreviations are refused."""
+    import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *args, "--gpu-check", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("bench.py: error:"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_runs_on_the_cpu_and_reports_every_phase(tmp_path):
+    """`python bench.py --gpu-check OUT --device cpu`: the GPU check's code at tiny sizes (nano, 32 px,
+    synthetic data), one device test instead of all. Every phase reports finite numbers, and the run
+    killed by SIGTERM half-way and resumed ends bitwise equal to the uninterrupted one."""
+    out = tmp_path / "check"
+    code, stdout, stderr = run_in_own_session(
+        [sys.executable, "bench.py", "--gpu-check", str(out), "--device", "cpu",
+         "--pytest-k", "normalize_matches and [cpu"], timeout=300)
+    assert code == 0, stderr[-3000:]
+    with open(out / "gpu_check.json") as f:
+        result = json.load(f)
+    assert (out / "gpu_check.txt").read_text().startswith("gpu check on cpu")
+    tests = result["tests"]
+    assert (tests["passed"], tests["failed"], tests["exit"]) == (1, 0, 0), tests
+    (row,) = result["steps"]["rows"]
+    for key in ("img_s", "step_s", "mfu", "gemm_flop_s", "peak_mem_mb"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    probe = result["probe"]
+    assert probe["exit"] == 0 and probe["steps_done"] == 30
+    for tag in ("trained", "random_init"):
+        assert 0 <= probe[tag]["linear_top1"] <= 1 and 0 <= probe[tag]["knn_top1"] <= 1
+    assert math.isfinite(probe["linear_gain_points"])
+    synthetic = result["synthetic"]
+    assert synthetic["exit"] == 0 and synthetic["steps_done"] == 40 and synthetic["img_s"] > 0
+    assert synthetic["loss_moved"] and synthetic["sigreg_moved"]
+    resume = synthetic["resume"]
+    assert resume["kill_exit"] == 128 + signal.SIGTERM and 0 < resume["killed_at_step"] < 40
+    assert resume["verdict"] == "bitwise" and resume["bitwise"] and resume["metrics_equal"], resume
+    assert result["total_s"] < result["budget_s"]
+
+
+def test_out_of_memory_names_the_flag_to_lower_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """A CUDA out-of-memory error in the middle of a run: one line naming --batch-size, exit 2, and the
+    checkpoint written before it stays whole (raised here on the CPU in place of the GPU's)."""
+    calls, train_step = {"n": 0}, train.train_step
+
+    def out_of_memory_at_step_four(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train_step(*args)
+
+    monkeypatch.setattr(train, "train_step", out_of_memory_at_step_four)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(tmp_path / "run", "--steps", "10", "--ckpt-every", "2")
+    whole = capsys.readouterr().err
+    err = whole.strip().splitlines()[-1]                             # after the progress bar's lines
+    assert exit_info.value.code == 2 and "Traceback" not in whole and whole.count("error") == 1
+    assert err.startswith("train.py: error: out of GPU memory") and "lower --batch-size" in err
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2
