@@ -2,6 +2,7 @@
 
     python bench.py                                # tiny ViT, 64 px, patch 8: a few minutes on a 2-core CPU
     python bench.py --presets --batch-size 128     # also ViT-Ti/S/B-16 at 224 px (meant for a GPU)
+    python bench.py --gpu-check OUTDIR             # the one-command GPU check, <= 8 min (docs/gpu_check.md)
 
 What is measured, all in one run, so that every ratio compares numbers taken side by side:
  1. peak   a square GEMM at each step's precision, timed in turn with that step's calls (one step, one
