@@ -884,6 +884,8 @@ def gpu_check(args, device):
     OUTDIR/gpu_check.json as soon as it is there (a run cut short keeps what it measured)."""
     import datetime
     out = args.gpu_check
+    if args.ijepa:  # a wrong path fails now, in one line, not after minutes of measurements
+        import_ijepa(args.ijepa)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as error:
