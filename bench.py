@@ -2,6 +2,7 @@
 
     python bench.py                                # tiny ViT, 64 px, patch 8: a few minutes on a 2-core CPU
     python bench.py --presets --batch-size 128     # also ViT-Ti/S/B-16 at 224 px (meant for a GPU)
+    python bench.py --gpu-check OUTDIR             # the one-command GPU check, <= 8 min (docs/gpu_check.md)
 
 What is measured, all in one run, so that every ratio compares numbers taken side by side:
  1. peak   a square GEMM at each step's precision, timed in turn with that step's calls (one step, one
@@ -65,6 +66,12 @@ import train
 SIZES = ("embed_dim", "depth", "num_heads", "pred_dim", "pred_depth", "pred_heads")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PRESET_SETTINGS = [("tiny", 224, 16), ("small", 224, 16), ("base", 224, 16)]
+
+
+def fail(message):
+    """A problem with the command line or its inputs: one line on stderr, exit code 2."""
+    print(f"bench.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # ----------------------------------------------------------------------------- analytic FLOPs of the model
@@ -384,7 +391,7 @@ def import_ijepa(path):
     """The official modules, imported from the checkout at `path` at run time: bench.py depends on
     them only under --ijepa, and none of their code is copied here."""
     if not os.path.isfile(os.path.join(path, "src", "models", "vision_transformer.py")):
-        raise SystemExit(f"bench.py: error: --ijepa {path}: no src/models/vision_transformer.py there; "
+        fail(f"--ijepa {path}: no src/models/vision_transformer.py there; "
                          f"give the root of a facebookresearch/ijepa checkout")
     sys.path.insert(0, os.path.abspath(path))
     root = logging.getLogger()
@@ -398,7 +405,7 @@ def import_ijepa(path):
         from src.utils.logging import grad_logger
         from src.utils.tensors import repeat_interleave_batch
     except ImportError as error:
-        raise SystemExit(f"bench.py: error: --ijepa {path}: cannot import the official code: {error}")
+        fail(f"--ijepa {path}: cannot import the official code: {error}")
     # src.helper sends INFO to stdout on import, and init_model logs the whole model: keep our printout.
     root.handlers[:] = handlers
     root.setLevel(level)
@@ -424,7 +431,7 @@ def official_collator(ijepa, cfg, batches):
         smallest = min(h * w for h, w in sizes)
         if smallest > min_keep:
             return collator
-    raise SystemExit(f"bench.py: error: --ijepa: the official collator would loop forever on a "
+    fail(f"--ijepa: the official collator would loop forever on a "
                      f"{cfg.img_size // cfg.patch_size}-patch-wide grid (target blocks of {smallest} patches, "
                      f"min_keep tried: {IJEPA_MIN_KEEP}); use a larger --img-size or smaller --patch-size")
 
@@ -659,8 +666,303 @@ def print_official(official, ours_rows):
               f"its MFU against the {as_run['precision']} GEMM of that turn, {si(as_run['gemm_flop_s'], 'FLOP/s')})")
 
 
+# ----------------------------------------------------------------------------- --gpu-check OUTDIR
+
+# Sizes per device: on cuda the imagenet100 recipe's model and batch (train.DATASET_DEFAULTS) and ViT-B/16
+# at batch 128; on a CPU tiny ones, so that the same code runs in a test in about a minute.
+CHECK_SIZES = {
+    "cuda": dict(steps=[("small", 224, 16, 256), ("base", 224, 16, 128)], precision="bf16", compile=True,
+                 bench_steps=10, train_steps=200, cifar_steps=1500, probe=["--data", "cifar10"],
+                 synthetic=["--model", "small", "--img-size", "224", "--patch-size", "16", "--batch-size", "256",
+                            "--log-every", "10"]),
+    "cpu": dict(steps=[("nano", 32, 4, 16)], precision="fp32", compile=False, bench_steps=3, train_steps=40,
+                cifar_steps=30, probe=["--data", "synthetic"],
+                synthetic=["--model", "nano", "--img-size", "32", "--patch-size", "4", "--batch-size", "16",
+                           "--log-every", "1"]),
+}
+# A resumed run that is not bitwise equal passes within these (GPU kernels with atomics are not
+# deterministic): relative L2 distance of every weight tensor, relative difference of the final loss.
+RESUME_TOLERANCE = {"weights_rel_l2": 1e-2, "final_loss_rel": 5e-2}
+
+
+def run_command(command, timeout, log_path):
+    """Run `command` in its own session, output to log_path; at `timeout` SIGTERM (train.py saves a
+    checkpoint), 60 s later SIGKILL. Returns (exit code, seconds, whether the timeout hit, log tail)."""
+    import subprocess
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        timed_out = False
+        try:
+            process.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            process.send_signal(15)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait()
+    with open(log_path) as log:
+        tail = log.read()[-2000:]
+    return process.returncode, time.perf_counter() - start, timed_out, tail
+
+
+def read_rows(run):
+    path = os.path.join(run, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [row for _, row in train.complete_rows(f)]
+
+
+def check_tests(args, device, out, left):
+    """The device-generic tests of test_all.py (parametrised by the `device` fixture) on this device."""
+    import re
+    expression = args.pytest_k or f"[{device.type}"
+    command = [sys.executable, "-m", "pytest", "-q", "test_all.py", "-k", expression, "-rfs", "-p", "no:cacheprovider"]
+    code, seconds, timed_out, tail = run_command(command, min(left, 180), os.path.join(out, "tests.log"))
+    counts = {kind.rstrip("s") if kind == "errors" else kind: int(n) for n, kind in
+              re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?)", tail.splitlines()[-1] if tail else "")}
+    return {"command": " ".join(command), "exit": code, "timed_out": timed_out, "seconds": seconds,
+            **{kind: counts.get(kind, 0) for kind in ("passed", "failed", "skipped", "error")},
+            "failed_tests": [line.split(" ")[1] for line in tail.splitlines() if line.startswith(("FAILED", "ERROR"))]}
+
+
+def check_steps(args, device, sizes):
+    """The training step at each setting, timed in turn with the GEMM of its precision (bench_step),
+    and the official I-JEPA step on the first setting with --ijepa."""
+    rows, configs = [], []
+    for name, img, patch, batch in sizes["steps"]:
+        cfg = train.resolve(train.Config(model=name, img_size=img, patch_size=patch, batch_size=batch,
+                                         precision=sizes["precision"], compile=sizes["compile"], device=device.type))
+        try:
+            rows.append(bench_step(cfg, args.steps if args.steps != 10 else sizes["bench_steps"]))
+            configs.append(cfg)
+        except torch.OutOfMemoryError:
+            rows.append({"model": name, "img_size": img, "patch_size": patch, "batch_size": batch,
+                         "error": "out of memory"})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {"rows": rows}
+    if args.ijepa and configs:
+        ijepa = import_ijepa(args.ijepa)
+        row = next(r for r in rows if "error" not in r)
+        result["official_ijepa"] = bench_official(ijepa, [configs[0]], sizes["bench_steps"], [row])
+    return result
+
+
+def check_probe(args, device, sizes, out, left):
+    """CIFAR-10 (synthetic data on a CPU) trained with train.py's defaults for it, capped at --cifar-steps
+    and time-boxed by --cifar-timeout, then eval_probe.py on the trained and on a random-init encoder."""
+    run, deadline = os.path.join(out, "probe_run"), time.perf_counter() + left
+    steps = args.cifar_steps or sizes["cifar_steps"]
+    where = ["--data-dir", args.data_dir] if args.data_dir and sizes["probe"][1] == "cifar10" else []
+    command = [sys.executable, "train.py", *sizes["probe"], *where, "--steps", str(steps), "--device", device.type,
+               "--out", run]
+    code, seconds, timed_out, tail = run_command(command, min(args.cifar_timeout, left - 60),
+                                                 os.path.join(out, "probe_train.log"))
+    rows = read_rows(run)
+    result = {"command": " ".join(command), "exit": code, "train_s": seconds, "time_boxed": timed_out,
+              "steps_done": rows[-1]["step"] if rows else 0, "steps_cap": steps,
+              "img_s": statistics.median(r["img_per_s"] for r in rows[1:]) if len(rows) > 1 else None}
+    if not os.path.exists(os.path.join(run, "ckpt.pt")):
+        result["error"] = f"no checkpoint; train.py said: {tail.strip().splitlines()[-1] if tail.strip() else ''}"
+        return result
+    limit = [] if device.type == "cuda" else ["--limit", "400", "--k", "5"]
+    for tag, extra in (("trained", []), ("random_init", ["--random-init"])):
+        path = os.path.join(out, f"probe_{tag}.json")
+        command = [sys.executable, "eval_probe.py", "--ckpt", os.path.join(run, "ckpt.pt"), "--device", device.type,
+                   "--json", path, *limit, *extra]
+        code, seconds, _, tail = run_command(command, max(deadline - time.perf_counter(), 30),
+                                             os.path.join(out, f"probe_{tag}.log"))
+        if code == 0:
+            with open(path) as f:
+                probe = json.load(f)
+            result[tag] = {"linear_top1": probe["linear_top1"], "knn_top1": probe["knn_top1"], "seconds": seconds}
+        else:
+            result[tag] = {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {code}"}
+    if "linear_top1" in result["trained"] and "linear_top1" in result["random_init"]:
+        result["linear_gain_points"] = 100 * (result["trained"]["linear_top1"] - result["random_init"]["linear_top1"])
+        result["knn_gain_points"] = 100 * (result["trained"]["knn_top1"] - result["random_init"]["knn_top1"])
+    return result
+
+
+def compare_runs(a, b):
+    """Final checkpoints of two runs: bitwise equal, or the largest relative L2 distance of a weight."""
+    first, second = (torch.load(os.path.join(run, "ckpt.pt"), map_location="cpu", weights_only=True) for run in (a, b))
+    equal, worst = True, 0.0
+    for name in ("context_encoder", "predictor", "target_encoder"):
+        for key, value in first[name].items():
+            other = second[name][key]
+            equal &= torch.equal(value, other)
+            if value.is_floating_point():
+                worst = max(worst, float((value - other).double().norm() / value.double().norm().clamp(min=1e-12)))
+    return {"steps": [first["step"], second["step"]], "bitwise": bool(equal), "weights_rel_l2": worst}
+
+
+def check_synthetic(args, device, sizes, out, left):
+    """imagenet100-shaped training (its model, image size, batch, lr and EMA from train.DATASET_DEFAULTS;
+    compile + bf16 on a GPU) on synthetic images: throughput and whether loss and SIGReg move; then the
+    same run killed by SIGTERM half-way and resumed, against the uninterrupted one."""
+    import subprocess
+    recipe = train.DATASET_DEFAULTS["imagenet100"]
+    steps = args.train_steps or sizes["train_steps"]
+    mode = ["--compile", "--precision", "bf16"] if device.type == "cuda" else ["--no-compile", "--precision", "fp32"]
+    base = [sys.executable, "train.py", "--data", "synthetic", *sizes["synthetic"], "--lr", str(recipe["lr"]),
+            "--ema", str(recipe["ema"]), "--ema-end", str(recipe["ema_end"]), *mode, "--steps", str(steps),
+            "--device", device.type]
+    deadline = time.perf_counter() + left
+    full, killed = os.path.join(out, "synthetic_full"), os.path.join(out, "synthetic_killed")
+    code, seconds, timed_out, tail = run_command(base + ["--out", full], left / 2, os.path.join(out, "synthetic_full.log"))
+    rows = read_rows(full)
+    result = {"command": " ".join(base + ["--out", full]), "exit": code, "seconds": seconds, "timed_out": timed_out,
+              "steps_done": rows[-1]["step"] if rows else 0}
+    if len(rows) < 3:
+        result["error"] = tail.strip().splitlines()[-1] if tail.strip() else "no metrics"
+        return result
+    later = rows[len(rows) // 4:]  # the first rows include compilation
+    result.update({"img_s": statistics.median(r["img_per_s"] for r in later),
+                   "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
+                   "sigreg_first": rows[0]["sigreg"], "sigreg_last": rows[-1]["sigreg"],
+                   "effective_rank_last": rows[-1]["effective_rank"]})
+    result["loss_moved"] = abs(result["loss_last"] - result["loss_first"]) > 0.01 * abs(result["loss_first"])
+    result["sigreg_moved"] = abs(result["sigreg_last"] - result["sigreg_first"]) > 0.01 * abs(result["sigreg_first"])
+    if code != 0:
+        return result
+    # the kill: SIGTERM once half the steps are logged; train.py saves a checkpoint and exits 143
+    with open(os.path.join(out, "synthetic_killed.log"), "w") as log:
+        process = subprocess.Popen(base + ["--out", killed], stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        while process.poll() is None and time.perf_counter() < deadline - 30:
+            logged = read_rows(killed)
+            if logged and logged[-1]["step"] >= steps // 2:
+                process.send_signal(15)
+                break
+            time.sleep(0.02)
+        try:
+            process.wait(timeout=max(deadline - time.perf_counter() - 20, 5))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            process.wait()
+    kill_exit = process.returncode
+    stopped = torch.load(os.path.join(killed, "ckpt.pt"), map_location="cpu", weights_only=True)["step"] \
+        if os.path.exists(os.path.join(killed, "ckpt.pt")) else None
+    resume = {"kill_exit": kill_exit, "killed_at_step": stopped, "tolerance": RESUME_TOLERANCE}
+    result["resume"] = resume
+    if kill_exit != 128 + 15 or stopped is None:
+        resume["error"] = "the run was not stopped mid-way by SIGTERM"
+        return result
+    code, seconds, _, tail = run_command(base + ["--out", killed, "--resume"], deadline - time.perf_counter() - 5,
+                                         os.path.join(out, "synthetic_resumed.log"))
+    resume.update({"resume_exit": code, "resume_s": seconds})
+    if code != 0:
+        resume["error"] = tail.strip().splitlines()[-1] if tail.strip() else f"exit {code}"
+        return result
+    resume.update(compare_runs(full, killed))
+    a, b = read_rows(full), read_rows(killed)
+    strip = [[{k: v for k, v in row.items() if k != "img_per_s"} for row in rows] for rows in (a, b)]
+    resume["metrics_equal"] = strip[0] == strip[1]
+    differing = [x["step"] for x, y in zip(*strip) if x != y]
+    resume["first_differing_step"] = differing[0] if differing else None
+    resume["final_loss_rel"] = abs(a[-1]["loss"] - b[-1]["loss"]) / abs(a[-1]["loss"])
+    resume["verdict"] = ("bitwise" if resume["bitwise"] and resume["metrics_equal"] else "within tolerance"
+                         if resume["weights_rel_l2"] <= RESUME_TOLERANCE["weights_rel_l2"]
+                         and resume["final_loss_rel"] <= RESUME_TOLERANCE["final_loss_rel"] else "differs")
+    return result
+
+
+def summary_lines(result):
+    lines = [f"gpu check on {result['device']}, torch {result['torch']}, {result['date']}, "
+             f"{result['total_s']:.0f} s of a {result['budget_s']:.0f} s budget"]
+    t = result.get("tests", {})
+    if "passed" in t:
+        lines.append(f"tests ({t['command'].split(' -k ')[1].split(' -rfs')[0]}): {t['passed']} passed, "
+                     f"{t['failed']} failed, {t['skipped']} skipped {' '.join(t['failed_tests'])}")
+    for row in result.get("steps", {}).get("rows", []):
+        if "error" in row:
+            lines.append(f"step {row['model']} {row['img_size']}/{row['patch_size']} b{row['batch_size']}: {row['error']}")
+            continue
+        memory = "-" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.0f} MiB"
+        lines.append(f"step {label(row)} b{row['batch_size']}: {row['img_s']:.0f} img/s, {row['step_s'] * 1e3:.0f} ms, "
+                     f"MFU {row['mfu']:.1%} of a {si(row['gemm_flop_s'], 'FLOP/s')} GEMM, peak {memory}")
+    official = result.get("steps", {}).get("official_ijepa")
+    if official:
+        lines.append(f"official I-JEPA step: {official['img_s']:.0f} img/s, MFU {official['mfu']:.1%}; ours / "
+                     f"official img/s {official['ours'][0]['over_official_img_s']:.2f}x")
+    p = result.get("probe", {})
+    if "linear_gain_points" in p:
+        lines.append(f"probe ({p['steps_done']} steps, {p['train_s']:.0f} s{', time-boxed' if p['time_boxed'] else ''}):"
+                     f" linear {p['trained']['linear_top1']:.1%} vs random {p['random_init']['linear_top1']:.1%}, "
+                     f"k-NN {p['trained']['knn_top1']:.1%} vs {p['random_init']['knn_top1']:.1%}")
+    s = result.get("synthetic", {})
+    if "img_s" in s:
+        lines.append(f"synthetic ({s['steps_done']} steps): {s['img_s']:.0f} img/s, loss {s['loss_first']:.4g} -> "
+                     f"{s['loss_last']:.4g}, SIGReg {s['sigreg_first']:.4g} -> {s['sigreg_last']:.4g}")
+    r = s.get("resume", {})
+    if "verdict" in r:
+        lines.append(f"kill at step {r['killed_at_step']} + --resume: {r['verdict']} (max weight rel. L2 "
+                     f"{r['weights_rel_l2']:.2e}, final loss rel. {r['final_loss_rel']:.2e})")
+    for name in ("tests", "steps", "probe", "synthetic"):
+        phase = result.get(name, {})
+        problem = phase.get("error") or phase.get("skipped") or phase.get("resume", {}).get("error")
+        if problem:
+            lines.append(f"{name}: {problem}")
+    return lines
+
+
+def gpu_check(args, device):
+    """--gpu-check OUTDIR: every phase in turn within --budget seconds, each one's result written to
+    OUTDIR/gpu_check.json as soon as it is there (a run cut short keeps what it measured)."""
+    import datetime
+    out = args.gpu_check
+    if args.ijepa:  # a wrong path fails now, in one line, not after minutes of measurements
+        import_ijepa(args.ijepa)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        fail(f"--gpu-check {out}: cannot create the folder ({error.strerror})")
+    sizes = CHECK_SIZES[device.type]
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    start = time.perf_counter()
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join([sys.executable, *sys.argv]), "budget_s": args.budget, "total_s": 0.0}
+
+    def left():
+        return args.budget - (time.perf_counter() - start)
+
+    phases = [("tests", lambda: check_tests(args, device, out, left())),
+              ("steps", lambda: check_steps(args, device, sizes)),
+              ("probe", lambda: check_probe(args, device, sizes, out, min(left(), 0.45 * left() + 60))),
+              ("synthetic", lambda: check_synthetic(args, device, sizes, out, left()))]
+    for name, phase in phases:
+        print(f"gpu check: {name} ({left():.0f} s of the budget left)", flush=True)
+        phase_start = time.perf_counter()
+        if left() < 20:
+            result[name] = {"skipped": "the --budget was spent before this phase"}
+        else:
+            try:
+                result[name] = phase()
+            except Exception as error:  # one phase failing must not lose the others' numbers
+                result[name] = {"error": f"{type(error).__name__}: {str(error).strip().splitlines()[-1:]}"}
+        result[name]["phase_s"] = time.perf_counter() - phase_start
+        result["total_s"] = time.perf_counter() - start
+        with open(os.path.join(out, "gpu_check.json"), "w") as f:
+            json.dump(rounded(result), f, indent=1)
+        with open(os.path.join(out, "gpu_check.txt"), "w") as f:
+            f.write("\n".join(summary_lines(result)) + "\n")
+    print("\n".join(summary_lines(result)))
+    return result
+
+
+
 def parse_args():
-    parser = argparse.ArgumentParser(description="Benchmark the JEPA training step (see the docstring of bench.py).")
+    parser = argparse.ArgumentParser(description="Benchmark the JEPA training step (see the docstring of bench.py).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser.error = fail
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--model", default="tiny", choices=list(model.PRESETS))
     parser.add_argument("--batch-size", type=int, default=32)
@@ -679,7 +981,26 @@ def parse_args():
                         help="also time the official I-JEPA step (5.), imported from a facebookresearch/ijepa "
                              "checkout at PATH, on the --model/--img-size setting, eager, per --precision, in "
                              "turn with our steps")
+    group = parser.add_argument_group("--gpu-check OUTDIR: the one-command GPU check (docs/gpu_check.md)")
+    group.add_argument("--gpu-check", metavar="OUTDIR",
+                       help="run the device tests, time the compiled bf16 step (ViT-S/16 b256, ViT-B/16 b128), "
+                            "train + probe CIFAR-10, train imagenet100-shaped synthetic data with a kill and "
+                            "--resume; write OUTDIR/gpu_check.json and gpu_check.txt. With --device cpu: tiny "
+                            "sizes (nano, 32 px, synthetic data), a couple of minutes")
+    group.add_argument("--budget", type=float, default=480, help="seconds for the whole check; a phase that "
+                                                                 "would start after it is skipped and says so")
+    group.add_argument("--train-steps", type=int, help="steps of the synthetic runs (default: 200 on cuda, 40 on cpu)")
+    group.add_argument("--cifar-steps", type=int, help="--steps cap of the CIFAR-10 run (default: 1500 on cuda, "
+                                                        "30 on cpu, where synthetic data replaces CIFAR-10)")
+    group.add_argument("--cifar-timeout", type=float, default=120,
+                       help="seconds before the CIFAR-10 run gets SIGTERM (it saves a checkpoint, which is probed)")
+    group.add_argument("--data-dir", help="CIFAR-10 location (default: as train.py looks it up, e.g. "
+                                          "../shared/data/cifar10)")
+    group.add_argument("--pytest-k", help="pytest -k expression of the device tests (default: '[cuda' or '[cpu')")
     args = parser.parse_args()
+    for name in ("budget", "train_steps", "cifar_steps", "cifar_timeout"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
@@ -689,11 +1010,15 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device here; use --device cpu")
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if args.gpu_check:
+        return gpu_check(args, device)
     precisions = args.precision.split(",") if args.precision else ["fp32", "bf16"]
     bf16_problem = device.type == "cpu" and "bf16" in precisions and runs.slow_cpu_bf16()
     if bf16_problem and args.precision:
-        raise SystemExit(f"bench.py: error: --precision {args.precision}: {bf16_problem}, so a bf16 step would "
+        fail(f"--precision {args.precision}: {bf16_problem}, so a bf16 step would "
                          f"take minutes; use --precision fp32 or leave it out")
     if bf16_problem:
         precisions.remove("bf16")
@@ -703,13 +1028,13 @@ def main():
         configs = [train.resolve(train.Config(model=name, img_size=img, patch_size=patch, batch_size=args.batch_size,
                                               precision=p, compile=c, device=device.type))
                    for name, img, patch in settings for p in precisions for c in compiles]
-    except runs.UsageError as error:
-        raise SystemExit(f"bench.py: error: {error}")
+    except ValueError as error:  # runs.UsageError, or a rule of model.py / masks.py
+        fail(f"{error}")
     ijepa = None
     if args.ijepa:  # checked before any measurement, so a wrong path fails at once
         ijepa = import_ijepa(args.ijepa)
         if not hasattr(ijepa.vit, f"vit_{args.model}"):
-            raise SystemExit(f"bench.py: error: --ijepa: the official code has no vit_{args.model}; "
+            fail(f"--ijepa: the official code has no vit_{args.model}; "
                              f"use --model tiny, small or base")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # as train.py: "fp32" matmuls run in TF32, peak included

@@ -4,6 +4,7 @@ Each test names the failure it would catch; several come from audits of earlier 
 (context silently shrinking, padding contamination, EMA before the step, modules missing from the
 optimizer, gradients cut by .item() or casts, the reference mask sampler's blind spots).
 """
+import functools
 import io
 import json
 import math
@@ -33,6 +34,23 @@ import runs
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here"))])
+def device(request):
+    """The device-generic tests take this fixture: each runs on the CPU always, and again on CUDA where
+    there is a GPU (test ids end in [cuda]; `python bench.py --gpu-check OUT` runs them with -k cuda).
+    On CUDA, fp32 matmuls stay full fp32 (no TF32) while the test runs, so its tolerances mean the same."""
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def bounding_boxes(flat, grid):
@@ -135,16 +153,18 @@ def tiny_models(dim=32, depth=2, heads=2):
 
 
 @pytest.mark.parametrize("name", list(model.PRESETS))
-def test_shapes_for_every_preset(name):
-    encoder = model.build_encoder(name, 32, 16)
-    predictor = model.build_predictor(name)
-    images = torch.randn(2, 3, 32, 32)
+def test_shapes_for_every_preset(name, device):
+    encoder = model.build_encoder(name, 32, 16).to(device)
+    predictor = model.build_predictor(name).to(device)
+    images = torch.randn(2, 3, 32, 32, device=device)
     d = encoder.embed_dim
     assert encoder(images).shape == (2, 4, d)
-    keep = torch.tensor([[0, 3, 0], [1, 2, 3]]), torch.tensor([[True, True, False], [True, True, True]])
+    keep = (torch.tensor([[0, 3, 0], [1, 2, 3]], device=device),
+            torch.tensor([[True, True, False], [True, True, True]], device=device))
     context = encoder(images, *keep)
     assert context.shape == (2, 3, d)
-    targets = torch.tensor([[1], [2], [0], [3]]), torch.ones(4, 1, dtype=torch.bool)  # M = 2 blocks per sample
+    targets = (torch.tensor([[1], [2], [0], [3]], device=device),
+               torch.ones(4, 1, dtype=torch.bool, device=device))                       # M = 2 blocks per sample
     assert predictor(context, *keep, *targets, (2, 2)).shape == (4, 1, d)
 
 
@@ -160,34 +180,36 @@ def test_encoder_parameter_counts_match_vit_ti_s_b():
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_padding_never_changes_a_sample(packed, monkeypatch):
+def test_padding_never_changes_a_sample(packed, device, monkeypatch):
     """A sample's outputs are the same alone or in a batch with longer samples (no padding
-    contamination), with the real tokens packed (CPU) and kept padded (a compiled GPU step)."""
+    contamination), with the real tokens packed (CPU) and kept padded (a compiled GPU step). On CUDA
+    the attention kernel may change with the length: a tolerance 10x wider, far below contamination."""
     monkeypatch.setattr(model, "packs_tokens", lambda device, compiled: packed)
-    encoder, predictor = tiny_models()
+    tol = dict(atol=1e-6, rtol=1e-5) if device.type == "cpu" else dict(atol=1e-5, rtol=1e-4)
+    encoder, predictor = (m.to(device) for m in tiny_models())
     encoder.eval()
-    images = torch.randn(3, 3, 16, 16)                                   # 4x4 grid
+    images = torch.randn(3, 3, 16, 16).to(device)                        # 4x4 grid
     lengths = [5, 11, 16]
-    keep = [torch.randperm(16, generator=torch.Generator().manual_seed(i))[:n].sort().values
+    keep = [torch.randperm(16, generator=torch.Generator().manual_seed(i))[:n].sort().values.to(device)
             for i, n in enumerate(lengths)]
-    idx = torch.zeros(3, 16, dtype=torch.long)
-    valid = torch.zeros(3, 16, dtype=torch.bool)
+    idx = torch.zeros(3, 16, dtype=torch.long, device=device)
+    valid = torch.zeros(3, 16, dtype=torch.bool, device=device)
     for i, k in enumerate(keep):
         idx[i, :len(k)], valid[i, :len(k)] = k, True
-    target_idx = torch.tensor([[2, 7, 0], [1, 4, 9], [3, 0, 0]])        # one block per sample, padded
-    target_valid = torch.tensor([[True, True, False], [True, True, True], [True, False, False]])
+    target_idx = torch.tensor([[2, 7, 0], [1, 4, 9], [3, 0, 0]], device=device)  # one block per sample, padded
+    target_valid = torch.tensor([[True, True, False], [True, True, True], [True, False, False]], device=device)
+    ones = functools.partial(torch.ones, dtype=torch.bool, device=device)
     batched = encoder(images, idx, valid)
     predicted = predictor(batched, idx, valid, target_idx, target_valid, (4, 4))
     # padding pointing elsewhere must not matter either
     idx_other = torch.where(valid, idx, 7)
-    torch.testing.assert_close(encoder(images, idx_other, valid)[valid], batched[valid], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(encoder(images, idx_other, valid)[valid], batched[valid], **tol)
     for i, k in enumerate(keep):
-        alone = encoder(images[i:i + 1], k[None], torch.ones(1, len(k), dtype=torch.bool))
-        torch.testing.assert_close(alone[0], batched[i, :len(k)], atol=1e-6, rtol=1e-5)
+        alone = encoder(images[i:i + 1], k[None], ones(1, len(k)))
+        torch.testing.assert_close(alone[0], batched[i, :len(k)], **tol)
         t = int(target_valid[i].sum())
-        alone_pred = predictor(alone, k[None], torch.ones(1, len(k), dtype=torch.bool), target_idx[i:i + 1, :t],
-                               torch.ones(1, t, dtype=torch.bool), (4, 4))
-        torch.testing.assert_close(alone_pred[0], predicted[i, :t], atol=1e-6, rtol=1e-5)
+        alone_pred = predictor(alone, k[None], ones(1, len(k)), target_idx[i:i + 1, :t], ones(1, t), (4, 4))
+        torch.testing.assert_close(alone_pred[0], predicted[i, :t], **tol)
 
 
 def test_explicit_attention_is_sdpa_and_ignores_padded_keys():
@@ -368,8 +390,10 @@ def test_bench_refuses_bf16_where_it_is_slow_and_skips_it_by_default(monkeypatch
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "cpu", "--precision", "fp32,bf16"])
     with pytest.raises(SystemExit) as exit_info:
         bench.main()
-    assert str(exit_info.value).startswith("bench.py: error: --precision fp32,bf16: bf16 matmuls run 400x slower")
-    assert str(exit_info.value).endswith("use --precision fp32 or leave it out") and "\n" not in str(exit_info.value)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("bench.py: error: --precision fp32,bf16: bf16 matmuls run 400x slower")
+    assert err.endswith("use --precision fp32 or leave it out")
     measured = []
     class AllStepsMeasured(Exception):
         pass
@@ -431,14 +455,15 @@ def slow_sigreg(z, directions):
     return torch.stack(values).mean() / collapse
 
 
-def test_sigreg_equals_a_slow_loop_and_ignores_sample_order():
+def test_sigreg_equals_a_slow_loop_and_ignores_sample_order(device):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(200, 8, generator=g) * 1.3 + 0.2
     directions = torch.randn(8, 5, generator=g)
     directions = directions / directions.norm(dim=0)
-    fast = losses.sigreg(z, directions=directions)
-    torch.testing.assert_close(fast.double(), slow_sigreg(z, directions), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(losses.sigreg(z[torch.randperm(200)], directions=directions), fast)
+    fast = losses.sigreg(z.to(device), directions=directions.to(device))
+    torch.testing.assert_close(fast.double().cpu(), slow_sigreg(z, directions), rtol=1e-4, atol=1e-4)
+    shuffled = z[torch.randperm(200, generator=g)].to(device)
+    torch.testing.assert_close(losses.sigreg(shuffled, directions=directions.to(device)), fast, rtol=1e-5, atol=1e-6)
 
 
 def test_sigreg_gradients_are_right_eager_and_compiled():
@@ -538,9 +563,9 @@ def test_sigreg_under_two_processes_equals_one_process_on_the_whole_batch_eager_
         torch.testing.assert_close(torch.tensor(grad) / 2, z.grad.chunk(2)[rank], rtol=1e-4, atol=1e-7)
 
 
-def test_prediction_loss_ignores_padding_and_jepa_loss_mixes_with_one_lambda():
-    predictions, targets = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
-    valid = torch.rand(4, 5) > 0.4
+def test_prediction_loss_ignores_padding_and_jepa_loss_mixes_with_one_lambda(device):
+    predictions, targets = torch.randn(4, 5, 8).to(device), torch.randn(4, 5, 8).to(device)
+    valid = torch.rand(4, 5).to(device) > 0.4
     valid[0, 0] = True
     # padded slots holding inf and NaN change neither the loss nor the real tokens' gradients
     poisoned = torch.where(valid[..., None], predictions, torch.full_like(predictions, float("inf")))
@@ -552,7 +577,7 @@ def test_prediction_loss_ignores_padding_and_jepa_loss_mixes_with_one_lambda():
     l2.backward()
     grad = 2 * (predictions - targets) / (8 * valid.sum())
     torch.testing.assert_close(poisoned.grad, torch.where(valid[..., None], grad, 0.0))
-    embeddings = torch.randn(64, 8)
+    embeddings = torch.randn(64, 8).to(device)
     loss, l2_part, reg = losses.jepa_loss(predictions, targets, valid, embeddings, lam=0.3,
                                           generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(loss, 0.7 * l2_part + 0.3 * reg)
@@ -819,17 +844,17 @@ def test_imagenet100_selects_the_100_classes(tmp_path):
 
 # ---- device-side helpers and cache ----
 
-def test_normalize_matches_manual_computation():
-    images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
-    mean, std = torch.tensor(data.MEAN).view(1, 3, 1, 1), torch.tensor(data.STD).view(1, 3, 1, 1)
+def test_normalize_matches_manual_computation(device):
+    images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8).to(device)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (data.MEAN, data.STD))
     manual = (images.float() / 255 - mean) / std
     out = data.normalize(images)
     assert out.dtype == torch.float32 and torch.allclose(out, manual, atol=1e-5)
 
 
-def test_random_resized_crop_flip():
+def test_random_resized_crop_flip(device):
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8).to(device)
     out = data.random_resized_crop_flip(images, 12)
     assert out.shape == (64, 3, 12, 12) and out.dtype == torch.float32
     assert 0 <= out.min() and out.max() <= 255
@@ -840,12 +865,12 @@ def test_random_resized_crop_flip():
     assert 0 < sum(flipped) < 64
 
 
-def test_device_crop_boxes_follow_random_resized_crop():
+def test_device_crop_boxes_follow_random_resized_crop(device):
     """Boxes that do not fit are redrawn, not clamped (clamping shrinks their area and squares
     them): every box keeps an area in `scale` and an aspect in `ratio`, and lies inside the image;
     the mean area matches the JPEG path's `_random_crop_box` on a large square image."""
-    generator = torch.Generator().manual_seed(0)
-    width, height, centre_x, centre_y = data.crop_boxes(200_000, (0.3, 1.0), (3 / 4, 4 / 3), "cpu", generator)
+    generator = torch.Generator(device).manual_seed(0)
+    width, height, centre_x, centre_y = data.crop_boxes(200_000, (0.3, 1.0), (3 / 4, 4 / 3), device, generator)
     area, aspect = width * height, width / height
     assert area.min() >= 0.3 - 1e-6 and area.max() <= 1 + 1e-6
     assert aspect.min() >= 3 / 4 - 1e-5 and aspect.max() <= 4 / 3 + 1e-5
@@ -1101,7 +1126,8 @@ def test_main_on_a_nano_checkpoint_reports_and_caches(tmp_path, monkeypatch):
 
 # A model small enough that a training step takes a few milliseconds.
 FAST = ["--model", "nano", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--pred-dim", "16",
-        "--pred-depth", "1", "--pred-heads", "2", "--num-slices", "32", "--batch-size", "16", "--log-every", "1"]
+        "--pred-depth", "1", "--pred-heads", "2", "--num-slices", "32", "--batch-size", "16", "--log-every", "1",
+        "--device", "cpu"]  # a device-generic test appends its own --device (the last one wins)
 
 
 def run_train(out, *args):
@@ -1119,8 +1145,8 @@ def metrics_without_timing(out):
     return [{k: v for k, v in row.items() if k != "img_per_s"} for row in read_metrics(out)]
 
 
-def test_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path):
-    ckpt = run_train(tmp_path / "run", "--steps", "40", "--lr", "3e-3")
+def test_short_run_lowers_the_loss_and_writes_its_outputs(tmp_path, device):
+    ckpt = run_train(tmp_path / "run", "--steps", "40", "--lr", "3e-3", "--device", device.type)
     rows = read_metrics(tmp_path / "run")
     assert len(rows) == 40 and ckpt["step"] == 40
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
@@ -1164,13 +1190,13 @@ def test_without_sigreg_the_features_lose_dimensions(tmp_path):
     assert rows["0.05"][-1]["feature_std"] > 2 * rows["0.05"][0]["feature_std"]
 
 
-def test_every_trainable_parameter_gets_a_gradient_and_is_optimized():
-    cfg = train.resolve(train.Config(model="nano", depth=2, batch_size=8, num_slices=16))
-    nets = train.build_models(cfg)
+def test_every_trainable_parameter_gets_a_gradient_and_is_optimized(device):
+    cfg = train.resolve(train.Config(model="nano", depth=2, batch_size=8, num_slices=16, device=device.type))
+    nets = [m.to(device) for m in train.build_models(cfg)]
     optimizer = train.build_optimizer(cfg, nets[0], nets[1])
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    images = torch.randn(8, 3, 32, 32)
-    step_masks = train.sample_step_masks(cfg, 0, (8, 8), 0, 1, torch.device("cpu"))
+    images = torch.randn(8, 3, 32, 32).to(device)
+    step_masks = train.sample_step_masks(cfg, 0, (8, 8), 0, 1, device)
     loss, l2, regularizer, _ = train.forward_loss(cfg, nets, images, step_masks, 0, (8, 8))
     regularizer.backward(retain_graph=True)   # SIGReg alone must reach every encoder weight (no cut by a cast)
     for name, p in nets[0].named_parameters():
@@ -1257,8 +1283,8 @@ def test_weight_decay_reaches_the_matrices_only_and_follows_its_schedule(tmp_pat
     assert groups[0]["weight_decay"] == pytest.approx(last_step_decay) and groups[1]["weight_decay"] == 0.0
 
 
-def test_ema_is_updated_after_the_optimizer_step(tmp_path):
-    ckpt = run_train(tmp_path / "run", "--steps", "1", "--ema", "0.9", "--warmup", "0")
+def test_ema_is_updated_after_the_optimizer_step(tmp_path, device):
+    ckpt = run_train(tmp_path / "run", "--steps", "1", "--ema", "0.9", "--warmup", "0", "--device", device.type)
     cfg = train.resolve(train.Config(**{**ckpt["config"], "resume": None}))
     before = train.build_models(cfg)[0].state_dict()               # context encoder at step 0
     after = ckpt["context_encoder"]
@@ -1283,9 +1309,10 @@ def test_schedules_warm_up_then_follow_their_cosines_and_the_momentum_runs_linea
     np.testing.assert_allclose(np.diff(momentum), (ema_end - ema) / total, atol=1e-12)   # linear (constant if equal)
 
 
-def test_clip_grad_bounds_the_gradient_the_optimizer_sees():
-    cfg = train.resolve(train.Config(model="nano", depth=2, batch_size=8, num_slices=16, clip_grad=0.01))
-    nets = train.build_models(cfg)
+def test_clip_grad_bounds_the_gradient_the_optimizer_sees(device):
+    cfg = train.resolve(train.Config(model="nano", depth=2, batch_size=8, num_slices=16, clip_grad=0.01,
+                                     device=device.type))
+    nets = [m.to(device) for m in train.build_models(cfg)]
     optimizer = train.build_optimizer(cfg, nets[0], nets[1])
     params = [p for m in nets[:2] for p in m.parameters()]
     seen, step = [], optimizer.step
@@ -1295,8 +1322,9 @@ def test_clip_grad_bounds_the_gradient_the_optimizer_sees():
         step()
 
     optimizer.step = step_and_record_the_norm
-    step_masks = train.sample_step_masks(cfg, 0, (8, 8), 0, 1, torch.device("cpu"))
-    out = train.train_step(cfg, nets, optimizer, params, torch.randn(8, 3, 32, 32), step_masks, 0, (8, 8), 0.99)
+    step_masks = train.sample_step_masks(cfg, 0, (8, 8), 0, 1, device)
+    images = torch.randn(8, 3, 32, 32).to(device)
+    out = train.train_step(cfg, nets, optimizer, params, images, step_masks, 0, (8, 8), 0.99)
     assert out[4] > 0.1                                   # the logged norm is the one before clipping
     assert seen[0] == pytest.approx(0.01, rel=1e-3)       # AdamW got the clipped gradient
 
@@ -1314,7 +1342,7 @@ def test_resume_continues_exactly(tmp_path):
     assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(tmp_path / "full")
 
 
-def test_a_nan_batch_is_skipped_and_too_many_stop_the_run_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+def test_a_nan_batch_is_skipped_and_too_many_stop_the_run_with_a_checkpoint(tmp_path, device, monkeypatch, capsys):
     calls = {"n": 0}
     normalize = data.normalize
 
@@ -1324,13 +1352,14 @@ def test_a_nan_batch_is_skipped_and_too_many_stop_the_run_with_a_checkpoint(tmp_
         return out * float("nan") if calls["n"] in bad_calls else out
 
     monkeypatch.setattr(data, "normalize", lambda images: poisoned(images, {3}))
-    ckpt = run_train(tmp_path / "one", "--steps", "5")
+    on = ("--device", device.type)
+    ckpt = run_train(tmp_path / "one", "--steps", "5", *on)
     assert ckpt["counters"]["skipped_steps"] == 1 and ckpt["step"] == 5
     assert all(torch.isfinite(v).all() for v in ckpt["target_encoder"].values())
     calls["n"] = 0
     monkeypatch.setattr(data, "normalize", lambda images: poisoned(images, set(range(3, 100))))
     with pytest.raises(SystemExit) as exit_info:
-        run_train(tmp_path / "many", "--steps", "20", "--max-bad-steps", "4")
+        run_train(tmp_path / "many", "--steps", "20", "--max-bad-steps", "4", *on)
     assert exit_info.value.code == 1
     assert "non-finite" in capsys.readouterr().err
     saved = torch.load(tmp_path / "many" / "ckpt.pt", weights_only=True)
@@ -1345,7 +1374,7 @@ def test_a_nan_batch_is_skipped_and_too_many_stop_the_run_with_a_checkpoint(tmp_
     calls["n"] = 0
     monkeypatch.setattr(data, "normalize", stop_at_fourth_call)
     with pytest.raises(SystemExit) as exit_info:
-        run_train(tmp_path / "stopped", "--steps", "20", "--max-bad-steps", "4")
+        run_train(tmp_path / "stopped", "--steps", "20", "--max-bad-steps", "4", *on)
     assert exit_info.value.code == 128 + signal.SIGTERM
     saved = torch.load(tmp_path / "stopped" / "ckpt.pt", weights_only=True)
     assert saved["step"] == 2 and saved["counters"]["skipped_steps"] == 2
@@ -1655,10 +1684,10 @@ def test_training_on_a_folder_with_bad_files_runs_to_the_end(tmp_path, cache, ca
 
 @pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                     reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_bf16_step_trains_on_cpu_and_matches_eager(tmp_path):
-    """The GPU recipe (torch.compile + bf16 autocast) runs end to end on this CPU, and its first step's
-    losses agree with eager bf16 to bf16 precision (same masks, same batch, same weights)."""
-    args = ("--steps", "2", "--precision", "bf16")
+def test_compiled_bf16_step_trains_on_cpu_and_matches_eager(tmp_path, device):
+    """The GPU recipe (torch.compile + bf16 autocast) runs end to end on this CPU (and on CUDA), and its
+    first step's losses agree with eager bf16 to bf16 precision (same masks, same batch, same weights)."""
+    args = ("--steps", "2", "--precision", "bf16", "--device", device.type)
     compiled = run_train(tmp_path / "compiled", *args, "--compile")
     eager = run_train(tmp_path / "eager", *args)
     assert compiled["step"] == 2 and compiled["config"]["compile"]
@@ -1667,18 +1696,89 @@ def test_compiled_bf16_step_trains_on_cpu_and_matches_eager(tmp_path):
         assert first_compiled[key] == pytest.approx(first_eager[key], rel=3e-2), key
 
 
-def test_bf16_autocast_trains_on_cpu_and_the_checkpoint_feeds_eval_probe(tmp_path, monkeypatch, capsys):
-    """The GPU code path (bf16 autocast) runs on this CPU; train -> checkpoint -> eval_probe round trip.
-    Where the CPU's bf16 matmuls are slow, training still runs, after a warning that says what to do."""
+def test_bf16_autocast_trains_on_cpu_and_the_checkpoint_feeds_eval_probe(tmp_path, device, monkeypatch, capsys):
+    """The GPU code path (bf16 autocast) runs on this CPU (and on CUDA); train -> checkpoint -> eval_probe
+    round trip. Where the CPU's bf16 matmuls are slow, training still runs, after a warning that says
+    what to do."""
     monkeypatch.setattr(runs, "slow_cpu_bf16", lambda: "bf16 matmuls run 400x slower than fp32 on this CPU")
-    ckpt = run_train(tmp_path / "run", "--steps", "3", "--precision", "bf16")
-    assert ("train.py: warning: bf16 matmuls run 400x slower than fp32 on this CPU: --precision fp32 will train "
-            "much faster") in capsys.readouterr().err
+    ckpt = run_train(tmp_path / "run", "--steps", "3", "--precision", "bf16", "--device", device.type)
+    warned = ("train.py: warning: bf16 matmuls run 400x slower than fp32 on this CPU: --precision fp32 will train "
+              "much faster") in capsys.readouterr().err
+    assert warned == (device.type == "cpu")
     assert ckpt["config"]["precision"] == "bf16"
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in ckpt["context_encoder"].values())
-    result = eval_probe.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--limit", "200", "--k", "5"])
+    result = eval_probe.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--limit", "200", "--k", "5",
+                              "--device", device.type])
     assert result["step"] == 3 and result["num_train"] == 200 and result["feature_dim"] == 32
     # the probe read the trained weights of the checkpoint, not a fresh encoder
-    eval_probe.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--limit", "200", "--k", "5", "--random-init"])
+    eval_probe.main(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--limit", "200", "--k", "5", "--random-init",
+                    "--device", device.type])
     trained, random = (torch.load(tmp_path / "run" / f"features_{tag}_val.pt")["features"] for tag in ("target", "random"))
     assert trained.shape == random.shape == (200, 32) and not torch.allclose(trained, random)
+
+
+# ============================================================================= bench.py --gpu-check
+
+@pytest.mark.parametrize("args", [["--device", "tpu"], ["--device", "cuda"], ["--budget", "0"], ["--steps", "0"],
+                                  ["--gpu-chec", "x"]], ids=lambda a: " ".join(a))
+def test_bench_bad_arguments_get_one_line_and_exit_code_2(args, tmp_path, monkeypatch, capsys):
+    """Also --device cuda where there is no GPU (pretended absent on a GPU machine); abbreviations are refused."""
+    import bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", ["bench.py", *args, "--gpu-check", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("bench.py: error:"), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_runs_on_the_cpu_and_reports_every_phase(tmp_path):
+    """`python bench.py --gpu-check OUT --device cpu`: the GPU check's code at tiny sizes (nano, 32 px,
+    synthetic data), one device test instead of all. Every phase reports finite numbers, and the run
+    killed by SIGTERM half-way and resumed ends bitwise equal to the uninterrupted one."""
+    out = tmp_path / "check"
+    code, stdout, stderr = run_in_own_session(
+        [sys.executable, "bench.py", "--gpu-check", str(out), "--device", "cpu",
+         "--pytest-k", "normalize_matches and [cpu"], timeout=300)
+    assert code == 0, stderr[-3000:]
+    with open(out / "gpu_check.json") as f:
+        result = json.load(f)
+    assert (out / "gpu_check.txt").read_text().startswith("gpu check on cpu")
+    tests = result["tests"]
+    assert (tests["passed"], tests["failed"], tests["exit"]) == (1, 0, 0), tests
+    (row,) = result["steps"]["rows"]
+    for key in ("img_s", "step_s", "mfu", "gemm_flop_s", "peak_mem_mb"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    probe = result["probe"]
+    assert probe["exit"] == 0 and probe["steps_done"] == 30
+    gain = 100 * (probe["trained"]["linear_top1"] - probe["random_init"]["linear_top1"])
+    assert probe["linear_gain_points"] == pytest.approx(gain, abs=0.05)   # the gain is of the two probes it ran
+    synthetic = result["synthetic"]
+    assert synthetic["exit"] == 0 and synthetic["steps_done"] == 40 and synthetic["img_s"] > 0
+    assert synthetic["loss_moved"] and synthetic["sigreg_moved"]
+    resume = synthetic["resume"]
+    assert resume["kill_exit"] == 128 + signal.SIGTERM and 0 < resume["killed_at_step"] < 40
+    assert resume["verdict"] == "bitwise" and resume["bitwise"] and resume["metrics_equal"], resume
+    assert result["total_s"] < result["budget_s"]
+
+
+def test_out_of_memory_names_the_flag_to_lower_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """A CUDA out-of-memory error in the middle of a run: one line naming --batch-size, exit 2, and the
+    checkpoint written before it stays whole (raised here on the CPU in place of the GPU's)."""
+    calls, train_step = {"n": 0}, train.train_step
+
+    def out_of_memory_at_step_four(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train_step(*args)
+
+    monkeypatch.setattr(train, "train_step", out_of_memory_at_step_four)
+    with pytest.raises(SystemExit) as exit_info:
+        run_train(tmp_path / "run", "--steps", "10", "--ckpt-every", "2")
+    whole = capsys.readouterr().err
+    err = whole.strip().splitlines()[-1]                             # after the progress bar's lines
+    assert exit_info.value.code == 2 and "Traceback" not in whole and whole.count("error") == 1
+    assert err.startswith("train.py: error: out of GPU memory") and "lower --batch-size" in err
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 2

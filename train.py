@@ -340,8 +340,14 @@ def train(cfg):
 
 def main(argv=None):
     args = runs.config_parser(Config, NONE_MEANS, recipes_text()).parse_args(argv)
+    cfg = None
     try:
-        train(resolve(Config(**vars(args))))
+        cfg = resolve(Config(**vars(args)))
+        train(cfg)
+    except torch.OutOfMemoryError:  # checkpoints are written atomically: the last one on disk stays whole
+        sizes = "" if cfg is None else f" at --batch-size {cfg.batch_size}, --img-size {cfg.img_size}"
+        runs.exit_usage(f"out of GPU memory{sizes}: lower --batch-size (or --img-size); checkpoints already "
+                        f"written are kept")
     except (ValueError, data.DataError) as error:  # a runs.UsageError is a ValueError
         # An error raised in a DataLoader worker arrives wrapped: its own message is the last line.
         runs.exit_usage(str(error).strip().splitlines()[-1].removeprefix("data.DataError: "))
