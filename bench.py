@@ -714,7 +714,7 @@ def read_rows(run):
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [row for _, row in train.complete_rows(f)]
+        return [row for _, row in runs.complete_rows(f)]
 
 
 def check_tests(args, device, out, left):
