@@ -1,7 +1,7 @@
 """Train an image JEPA: context encoder + predictor learn by one loss, the target encoder follows by EMA.
 
     python train.py                                   # synthetic images, nano ViT, a few CPU minutes
-    python train.py --data cifar10 --data-dir DIR     # tiny ViT at 32 px, patch 4
+    python train.py --data cifar10                    # nano ViT, 3,200 steps on a CPU; tiny, 100 epochs on a GPU
     python train.py --data imagenet100                # ViT-S/16 at 224 px on one GPU
     torchrun --nproc_per_node=N train.py ...          # several GPUs (DDP)
 
@@ -36,14 +36,11 @@ import runs
 
 # ----------------------------------------------------------------------------- configuration
 
-# The recipes: per-dataset defaults, used where a Config field is left at None. A recipe marked
-# measured=True was run end to end with 3 seeds and probed against the random-init encoder
-# (docs/results.md); the others are starting points nobody has run yet: ViT-S/16 at 224 px and 100
-# epochs for ImageNet-100 follow LeJEPA's ImageNet-100 runs, and 32 px images use patch 4 (an 8 x 8
-# grid), the usual choice for ViTs on CIFAR. CPU_RECIPES replace a recipe on a machine without a GPU:
-# CIFAR-10 on a CPU fits 30 minutes on 2 cores by training the nano ViT for a fixed number of steps.
-# The EMA momentum is held at 0.99 in the short recipes: rising to 1, the target stops following the
-# context encoder before such a run ends.
+# The recipes: per-dataset defaults for the Config fields left at None; on a CPU, CPU_RECIPES replace
+# a part (CIFAR-10: the nano ViT for a fixed number of steps, to fit 30 minutes on 2 cores). measured=True
+# means run end to end over 3 seeds against the random-init encoder (docs/results.md). ViT-S/16 at 224 px
+# for 100 epochs follows LeJEPA's ImageNet-100 runs; 32 px images use patch 4, as is usual for ViTs on
+# CIFAR. Short runs hold the EMA momentum at 0.99: rising to 1, the target would stop following early.
 DATASET_DEFAULTS = {
     "synthetic": dict(model="nano", img_size=32, patch_size=4, batch_size=64, epochs=2, lr=2e-3, ema=0.99,
                       ema_end=0.99, measured=False),
@@ -51,9 +48,8 @@ DATASET_DEFAULTS = {
                     ema_end=1.0, measured=False),
     "imagenet100": dict(model="small", img_size=224, patch_size=16, batch_size=256, epochs=100, lr=5e-4,
                         ema=0.996, ema_end=1.0, measured=False),
-    "folder": dict(model="small", img_size=224, patch_size=16, batch_size=256, epochs=100, lr=5e-4, ema=0.996,
-                   ema_end=1.0, measured=False),
 }
+DATASET_DEFAULTS["folder"] = DATASET_DEFAULTS["imagenet100"]
 CPU_RECIPES = {
     "cifar10": dict(model="nano", batch_size=64, steps=3200, lr=2e-3, ema=0.99, ema_end=0.99, measured=False),
 }
@@ -121,14 +117,10 @@ def recipes_text():
     return "\n".join(lines)
 
 
-def data_kind(name):
-    return name if name in ("synthetic", "cifar10", "imagenet100") else "folder"
-
-
 def recipe(cfg):
     """The defaults for cfg's dataset on cfg's device (DATASET_DEFAULTS, then CPU_RECIPES on a CPU).
     A recipe's fixed --steps gives way when the command line sets --epochs."""
-    kind = data_kind(cfg.data)
+    kind = cfg.data if cfg.data in ("synthetic", "cifar10", "imagenet100") else "folder"
     chosen = dict(DATASET_DEFAULTS[kind])
     if cfg.device == "cpu":
         chosen.update(CPU_RECIPES.get(kind, {}))
@@ -163,10 +155,7 @@ def schedules(cfg, step, total):
     """Learning rate (linear warmup, then cosine to min_lr), weight decay (cosine up, I-JEPA) and
     EMA momentum (linear from ema to ema_end, I-JEPA) at optimizer step `step` of `total`."""
     warmup = int(cfg.warmup * total)
-    if step < warmup:
-        lr = cfg.lr * (step + 1) / warmup
-    else:
-        lr = cosine(step - warmup, total - warmup, cfg.lr, cfg.min_lr)
+    lr = cfg.lr * (step + 1) / warmup if step < warmup else cosine(step - warmup, total - warmup, cfg.lr, cfg.min_lr)
     weight_decay = cosine(step, total, cfg.weight_decay, cfg.weight_decay_end)
     momentum = cfg.ema + (cfg.ema_end - cfg.ema) * step / max(total, 1)
     return lr, weight_decay, momentum
@@ -340,14 +329,10 @@ def train(cfg):
 
 def main(argv=None):
     args = runs.config_parser(Config, NONE_MEANS, recipes_text()).parse_args(argv)
-    cfg = None
     try:
-        cfg = resolve(Config(**vars(args)))
-        train(cfg)
+        train(resolve(Config(**vars(args))))
     except torch.OutOfMemoryError:  # checkpoints are written atomically: the last one on disk stays whole
-        sizes = "" if cfg is None else f" at --batch-size {cfg.batch_size}, --img-size {cfg.img_size}"
-        runs.exit_usage(f"out of GPU memory{sizes}: lower --batch-size (or --img-size); checkpoints already "
-                        f"written are kept")
+        runs.exit_usage("out of GPU memory: lower --batch-size (or --img-size); checkpoints already written are kept")
     except (ValueError, data.DataError) as error:  # a runs.UsageError is a ValueError
         # An error raised in a DataLoader worker arrives wrapped: its own message is the last line.
         runs.exit_usage(str(error).strip().splitlines()[-1].removeprefix("data.DataError: "))
