@@ -112,8 +112,14 @@ def place_blocks(shapes, grid, generator=None):
 
 # ----------------------------------------------------------------------------- the sampler
 
+@functools.lru_cache(maxsize=64)
 def check_config(grid, cfg):
-    """Raise a ValueError that says what to change when `cfg` cannot be met on `grid`."""
+    """Raise a ValueError that says what to change when `cfg` cannot be met on `grid`.
+
+    A (grid, config) that passes is remembered, so the sampler, called every step, checks each one
+    once; one that fails raises again on every call (a raise is never cached). grid is a tuple and
+    a MaskConfig is frozen, so both are hashable.
+    """
     h, w = grid
     if h < 1 or w < 1:
         raise ValueError(f"mask grid {h}x{w} is empty: image size must be at least one patch")
@@ -151,7 +157,8 @@ def sample_masks(batch_size, grid, generator=None, **overrides):
     context = block & ~(target_1 | ... | target_M); samples whose context has fewer than
     `min_keep` patches are redrawn (all of them at once), at most `max_tries` rounds.
 
-    Args: grid = (h, w); overrides are MaskConfig fields (e.g. num_targets=2).
+    Args: grid = (h, w); overrides are MaskConfig fields (e.g. num_targets=2). A bad config raises
+    ValueError; a good one is checked on the first call only (check_config remembers it).
     Shape: returns Masks with block (B, N), targets (B, M, N), context (B, N), all bool.
     """
     cfg = replace(MaskConfig(), **overrides)

@@ -134,6 +134,16 @@ def test_small_grids_work_or_fail_clearly_and_never_hang():
     assert time.perf_counter() - start < 5
 
 
+def test_a_mask_config_is_checked_once_and_a_bad_one_every_time():
+    masks.check_config.cache_clear()
+    for _ in range(3):
+        masks.sample_masks(4, (8, 8), torch.Generator().manual_seed(0))
+    assert masks.check_config.cache_info().misses == 1                   # the per-step path does not re-check
+    for _ in range(2):
+        with pytest.raises(ValueError, match="no target block fits a 4x4 patch grid"):
+            masks.sample_masks(4, (4, 4))
+
+
 def test_mask_to_indices_keeps_every_patch_and_flags_padding():
     drawn = masks.sample_masks(64, (8, 8), torch.Generator().manual_seed(0))
     idx, valid = masks.mask_to_indices(drawn.context, multiple=8)
