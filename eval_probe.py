@@ -10,8 +10,13 @@ read those vectors:
 Run it with `--random-init` too: an untrained encoder of the same architecture is the
 baseline that any number from a trained one must beat. Accuracies are fractions in [0, 1].
 
+It also draws what the encoder learned (as in DINO's feature maps): for a few val images, the
+first three principal components of the patch features as RGB, for the trained encoder and for
+the random-init one (`features_<encoder>.png` beside the checkpoint; --figure, --no-figure).
+
 Shapes:
   B  images in a batch         N  patches per image         D  feature width
+  H,W image height, width      h,w patch grid (H/P, W/P), P the patch size
   G  train features (gallery)  Q  query (val) features      C  classes
   V  neighbours that vote in the k-NN (--k)
 """
@@ -251,6 +256,91 @@ def cached(path: str | None, key: dict, compute) -> dict:
     return entry
 
 
+# ----------------------------------------------------------------------------- feature maps (the figure)
+
+FIGURE_IMAGES = 8              # val images in the figure, the same ones on every run
+PANEL, GAP, LABEL_WIDTH = 96, 4, 110   # pixels: smallest panel side, space between panels, label column
+
+
+def pca_colors(features: torch.Tensor) -> torch.Tensor:
+    """The first three principal components of patch features, as RGB in [0, 1].
+
+    One PCA over all the patches given, so one colour means one kind of patch in every image.
+    Centring makes the colours depend on how patches differ, not on what they share. SVD may
+    return either sign of a component, so each is turned to make its largest projection positive.
+    Each channel maps its 1st..99th percentile to 0..1, so a few outlier patches do not grey out
+    the rest.
+
+    Shape: features (B, N, D) -> colours (B, N, 3)
+    """
+    x = features.flatten(0, 1).float()                                          # (B * N, D)
+    x = x - x.mean(dim=0)
+    _, _, components = torch.linalg.svd(x, full_matrices=False)                 # (min(B * N, D), D)
+    projections = x @ components[:3].T                                          # (B * N, <= 3)
+    largest = projections.gather(0, projections.abs().argmax(dim=0, keepdim=True))  # (1, <= 3)
+    projections = F.pad(projections * largest.sign(), (0, 3 - projections.shape[1]))  # (B * N, 3)
+    low, high = torch.quantile(projections, torch.tensor([0.01, 0.99]), dim=0)  # (3,) each
+    colors = ((projections - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
+    return colors.view(*features.shape[:2], 3)                                  # (B, N, 3)
+
+
+@torch.no_grad()
+def feature_maps(encoder, images, patch_size, device) -> torch.Tensor:
+    """pca_colors of each patch, spread over the patch's pixels (nearest neighbour).
+
+    Shape: images (B, 3, H, W) uint8 -> colour maps (B, H, W, 3) uint8
+    """
+    encoder.eval()
+    features = encoder(normalize(images.to(device))).float().cpu()             # (B, N, D)
+    b, _, height, width = images.shape
+    grid = pca_colors(features).view(b, height // patch_size, width // patch_size, 3)   # (B, h, w, 3)
+    pixels = grid.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)    # (B, H, W, 3)
+    return (pixels * 255).round().to(torch.uint8)
+
+
+def draw_figure(rows, path: str) -> None:
+    """A PNG with one labelled row of panels per (label, images (B, H, W, 3) uint8), written to a
+    temporary name and renamed, so `path` never holds half a figure."""
+    from PIL import Image, ImageDraw
+    count, height, width = rows[0][1].shape[:3]
+    scale = -(-PANEL // max(height, width))                    # small images are enlarged, whole pixels
+    panel_w, panel_h = width * scale, height * scale
+    figure = Image.new("RGB", (LABEL_WIDTH + count * (panel_w + GAP), GAP + len(rows) * (panel_h + GAP)), "white")
+    draw = ImageDraw.Draw(figure)
+    for row, (label, images) in enumerate(rows):
+        top = GAP + row * (panel_h + GAP)
+        draw.multiline_text((GAP, top + panel_h // 2 - 12), label, fill="black")
+        for column, image in enumerate(images.numpy()):
+            panel = Image.fromarray(image).resize((panel_w, panel_h), Image.NEAREST)
+            figure.paste(panel, (LABEL_WIDTH + column * (panel_w + GAP), top))
+    temporary = f"{path}.tmp{os.getpid()}"
+    figure.save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+def figure_path(args: argparse.Namespace) -> str | None:
+    """Where the figure goes: --figure, else beside the checkpoint; None with --no-figure."""
+    if args.no_figure:
+        return None
+    return args.figure or os.path.join(os.path.dirname(args.ckpt), f"features_{args.encoder}.png")
+
+
+def write_figure(args: argparse.Namespace, path: str) -> None:
+    """Images, then the trained and the random-init encoder's feature maps, for FIGURE_IMAGES val images."""
+    checkpoint = load_checkpoint(args.ckpt)
+    config = checkpoint["config"]
+    device = torch.device(runs.pick_device(args.device))
+    dataset = build_dataset(*data_source(args, config), "val", config["img_size"], augment=False,
+                            seed=config.get("seed", 0))
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:FIGURE_IMAGES]
+    images = torch.stack([dataset[index][0] for index in chosen.sort().values.tolist()])   # (B, 3, H, W)
+    rows = [("image", images.permute(0, 2, 3, 1))]                                      # (B, H, W, 3)
+    for label, random_init in ((f"{args.encoder} encoder\nstep {checkpoint['step']}", False), ("random init", True)):
+        encoder = build_frozen_encoder(checkpoint, args.encoder, random_init).to(device)
+        rows.append((label, feature_maps(encoder, images, config["patch_size"], device)))
+    draw_figure(rows, path)
+
+
 # ----------------------------------------------------------------------------- command line
 
 def exit_usage(message: str) -> None:
@@ -271,6 +361,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, help="at most this many images per split")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write features")
+    parser.add_argument("--figure", metavar="PATH", help="write the PCA feature-map figure (trained vs random-init "
+                        "encoder on 8 val images) here (default: features_<encoder>.png beside the checkpoint)")
+    parser.add_argument("--no-figure", action="store_true", help="draw no figure")
     parser.error = exit_usage
     args = parser.parse_args(argv)
     for name in ("k", "batch_size", "limit"):
@@ -283,7 +376,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json {args.json}: its folder does not exist (the result is written there at the end)")
+    if args.figure and not os.path.isdir(os.path.dirname(os.path.abspath(args.figure))):
+        parser.error(f"--figure {args.figure}: its folder does not exist")
     return args
+
+
+def data_source(args: argparse.Namespace, config: dict) -> tuple[str, str | None]:
+    """(data, data_dir): the flags, else the checkpoint's; a different dataset does not live in its data_dir."""
+    data_dir = args.data_dir
+    if data_dir is None and args.data in (None, config["data"]):
+        data_dir = config.get("data_dir")
+    return args.data or config["data"], data_dir
 
 
 def evaluate(args: argparse.Namespace) -> dict:
@@ -292,10 +395,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     config = checkpoint["config"]
     device = torch.device(runs.pick_device(args.device))
     encoder = build_frozen_encoder(checkpoint, args.encoder, args.random_init).to(device)
-    # A different dataset does not live in the checkpoint's data_dir.
-    if args.data_dir is None and args.data in (None, config["data"]):
-        args.data_dir = config.get("data_dir")
-    args.data = args.data or config["data"]
+    args.data, args.data_dir = data_source(args, config)
 
     tag = "random" if args.random_init else args.encoder
     # Everything the features depend on; the file time catches a retrained run at the same step.
@@ -341,12 +441,17 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         result = evaluate(args)
+        figure = figure_path(args)
+        if figure:
+            write_figure(args, figure)
     except (UsageError, DataError) as error:
         exit_usage(str(error))
     except KeyboardInterrupt:
         print("eval_probe.py: interrupted", file=sys.stderr)
         sys.exit(130)
     print_table(result)
+    if figure:
+        print(f"feature maps: {figure}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(result, file, indent=2)

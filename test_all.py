@@ -1132,6 +1132,51 @@ def test_main_on_a_nano_checkpoint_reports_and_caches(tmp_path, monkeypatch):
     assert trained_val.shape == random_val.shape and not torch.allclose(trained_val, random_val)
 
 
+def test_pca_colors_are_a_function_of_the_features_alone():
+    """Equal patch features get equal colours in every image, different kinds of patch get different
+    colours, and neither an offset shared by all patches nor the basis the features are written in (a
+    rotation, which also flips the signs SVD returns) changes a colour."""
+    generator = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 16, generator=generator)                 # four kinds of patch, D = 16
+    kinds = torch.tensor([[0, 1, 2, 3] * 4, [0, 1] * 8])                   # (B=2, N=16); image 1 lacks kinds 2, 3
+    features = centres[kinds]                                              # (2, 16, 16)
+    colors = eval_probe.pca_colors(features)                               # (2, 16, 3)
+    assert colors.shape == (2, 16, 3) and colors.min() >= 0 and colors.max() <= 1
+    for kind in range(4):
+        same = colors[kinds == kind]                                       # every patch of this kind, both images
+        torch.testing.assert_close(same, same[:1].expand_as(same), atol=1e-5, rtol=0)
+    palette = torch.stack([colors[kinds == kind][0] for kind in range(4)])  # (4, 3)
+    assert torch.pdist(palette).min() > 0.2                                 # clearly different colours
+    torch.testing.assert_close(eval_probe.pca_colors(features + 100), colors, atol=1e-3, rtol=0)
+    rotation, _ = torch.linalg.qr(torch.randn(16, 16, generator=generator))   # (D, D) orthogonal
+    torch.testing.assert_close(eval_probe.pca_colors(features @ rotation), colors, atol=1e-5, rtol=0)
+
+
+def test_eval_probe_draws_trained_beside_random_init_feature_maps(tmp_path):
+    fake_checkpoint(tmp_path / "ckpt.pt")
+    argv = ["--ckpt", str(tmp_path / "ckpt.pt"), "--limit", "20", "--k", "3", "--device", "cpu", "--workers", "0",
+            "--no-cache"]
+    eval_probe.main(argv)
+    with Image.open(tmp_path / "features_target.png") as figure:          # by default, beside the checkpoint
+        assert figure.format == "PNG"
+        pixels = np.asarray(figure.convert("RGB"))
+    panel, gap = 96, eval_probe.GAP                                        # 32 px images, enlarged 3x
+    assert pixels.shape == (gap + 3 * (panel + gap), eval_probe.LABEL_WIDTH + 8 * (panel + gap), 3)
+    rows = [pixels[gap + row * (panel + gap):][:panel, eval_probe.LABEL_WIDTH:] for row in range(3)]
+    image, trained, random = (row.reshape(panel, 8, panel + gap, 3)[:, :, :panel] for row in rows)
+    assert image.std() > 10                                                # the images are drawn
+    # each of the 8 x 8 patches is one colour (4 px patches, enlarged 3x: 12 x 12 pixels)
+    blocks = trained.reshape(8, 12, 8, 8, 12, 3)
+    assert (blocks == blocks[:, :1, :, :, :1]).all()
+    assert (trained != random).any(axis=-1).mean() > 0.5                   # two encoders, two maps
+    assert not list(tmp_path.glob("*.tmp*"))                               # the figure was renamed into place
+
+    os.remove(tmp_path / "features_target.png")
+    eval_probe.main(argv + ["--no-figure"])
+    eval_probe.main(argv + ["--figure", str(tmp_path / "elsewhere.png")])
+    assert not (tmp_path / "features_target.png").exists() and (tmp_path / "elsewhere.png").exists()
+
+
 # ============================================================================= train.py
 
 # A model small enough that a training step takes a few milliseconds.
