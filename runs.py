@@ -41,6 +41,10 @@ class UsageError(ValueError):
     """A problem with the command line or its inputs: reported in one line, exit code 2."""
 
 
+class NotACheckpoint(UsageError):
+    """A file that torch.save did not write: no *_prev.pt beside it stands in for it."""
+
+
 def exit_usage(message, program="train.py"):
     print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -329,7 +333,13 @@ def read_checkpoint(path, mmap=False):
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip() is not None
     except (zipfile.BadZipFile, OSError):
-        raise UsageError(f"{path} is not a train.py checkpoint (not a zip archive)") from None
+        with open(path, "rb") as f:
+            start = f.read(4)
+        # torch.save writes a zip, which starts with PK\3\4: such a start without the zip's end is a cut write
+        if start and start != b"PK\x03\x04":
+            raise NotACheckpoint(f"{path} is not a checkpoint (torch.save did not write it)") from None
+        raise UsageError(f"{path} is truncated (its writing was cut short): train.py keeps the one before as "
+                         f"*_prev.pt") from None
     if damaged:
         raise UsageError(f"{path} is damaged (a CRC check failed): train.py keeps the one before as *_prev.pt")
     try:

@@ -1024,6 +1024,20 @@ def damage(path):
         f.write(b"\xff" * 16)
 
 
+def read_only_folder(monkeypatch, folder):
+    """Makes `folder` read-only for this process's Python writes, as chmod would for a user other than
+    root (the tests may run as root, whom chmod does not stop)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    real_open = open
+
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and os.path.abspath(os.fspath(file)).startswith(str(folder)):
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", guarded_open)
+
+
 def fake_checkpoint(path, **overrides):
     config = {"data": "synthetic", "data_dir": None, "model": "nano", "img_size": 32, "patch_size": 4,
               "embed_dim": None, "depth": None, "num_heads": None, "seed": 0}
@@ -1036,12 +1050,25 @@ def fake_checkpoint(path, **overrides):
     return checkpoint
 
 
-@pytest.mark.parametrize("fault", ["not a zip archive", "damaged", "NaN or Inf", "--workers", "--json"])
-def test_eval_probe_refuses_bad_checkpoints_and_arguments_in_one_line(fault, tmp_path, capsys):
+@pytest.mark.parametrize("fault", ["not a checkpoint", "truncated", "damaged", "NaN or Inf", "--workers", "--json",
+                                   "cannot write", "--k 500 is more than the 20 training images"])
+def test_eval_probe_refuses_bad_checkpoints_and_arguments_in_one_line(fault, tmp_path, capsys, monkeypatch):
+    """A text file is not a checkpoint, a cut one is truncated; an unwritable --json and a --k above the
+    training images are refused before any feature is computed."""
     path = tmp_path / "ckpt.pt"
     argv = ["--ckpt", str(path), "--device", "cpu", "--workers", "0"]
-    if fault == "not a zip archive":
-        path.write_text("not a checkpoint")
+    if fault == "not a checkpoint":
+        path.write_text("some notes")
+    elif fault == "truncated":
+        fake_checkpoint(path)
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif fault == "cannot write":
+        fake_checkpoint(path)
+        argv += ["--json", str(tmp_path / "readonly" / "result.json")]
+        read_only_folder(monkeypatch, tmp_path / "readonly")
+    elif fault.startswith("--k"):
+        fake_checkpoint(path)
+        argv += ["--k", "500", "--limit", "20"]
     elif fault == "damaged":
         fake_checkpoint(path)
         damage(path)
