@@ -435,13 +435,22 @@ class Stop:
         return bool(flag)
 
     @classmethod
+    def handle(cls, number, frame):
+        if number == signal.SIGINT and cls.signal_number is not None:
+            raise KeyboardInterrupt
+        cls.signal_number = number
+        if number == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+            # os.write, not print: a handler can run in the middle of a print to the same stream
+            os.write(2, b"\ntrain.py: stopping after this step; Ctrl-C again to stop now\n")
+
+    @classmethod
     @contextlib.contextmanager
     def handling(cls):
-        """Within the block, SIGINT and SIGTERM set the flag; the previous handlers come back after it."""
+        """Within the block, SIGINT and SIGTERM go to Stop.handle; the previous handlers come back after it."""
         cls.signal_number = None
         previous = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
         for number in previous:
-            signal.signal(number, lambda n, frame: setattr(cls, "signal_number", n))
+            signal.signal(number, cls.handle)
         try:
             yield
         finally:

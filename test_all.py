@@ -1626,6 +1626,49 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] >= 3
 
 
+# Runs train.main(argv + ["--out", OUT_n]) for n = 1 and 2 after making the EMA update of step 3 (after
+# its optimizer step) send this process n SIGINTs, as Ctrl-C would, then print "end of step 3" if it
+# is still running. Prints each run's exit code after a line "run n".
+CTRL_C_TRAIN = r"""
+import os, signal, sys, train
+ema_update = train.ema_update
+def interrupting(presses):
+    calls = {"n": 0}
+    def update(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+            print("end of step 3", file=sys.stderr, flush=True)
+        ema_update(*args)
+    return update
+for presses in (1, 2):
+    print(f"run {presses}", file=sys.stderr, flush=True)
+    train.ema_update = interrupting(presses)
+    try:
+        train.main(sys.argv[2:] + ["--out", os.path.join(sys.argv[1], str(presses))])
+    except SystemExit as exit:
+        print(f"exit {exit.code}", file=sys.stderr, flush=True)
+"""
+
+
+def test_ctrl_c_says_at_once_it_stops_after_the_step_and_a_second_one_stops_now(tmp_path):
+    """One Ctrl-C: a line at once, then the step ends and is saved. Two: the run stops inside the step,
+    and the last checkpoint (step 2) stays whole."""
+    code, _, err = run_in_own_session([sys.executable, "-c", CTRL_C_TRAIN, str(tmp_path), *FAST, "--steps", "6",
+                                       "--ckpt-every", "2"], timeout=120)
+    assert code == 0 and "Traceback" not in err and "run 2" in err, err[-3000:]
+    once, twice = err.split("run 2")
+    for log in (once, twice):
+        assert log.count("stopping after this step; Ctrl-C again to stop now") == 1
+        assert f"exit {128 + signal.SIGINT}" in log
+    assert once.index("stopping after this step") < once.index("end of step 3") < once.index("Resume with")
+    assert torch.load(tmp_path / "1" / "ckpt.pt", weights_only=True)["step"] == 3
+    assert "end of step 3" not in twice and "interrupted; checkpoints already written are kept" in twice
+    assert runs.read_checkpoint(str(tmp_path / "2" / "ckpt.pt"))["step"] == 2
+    assert not (tmp_path / "2" / "ckpt_prev.pt").exists()
+
+
 def torchrun(args, out):
     import socket
     with socket.socket() as s:
