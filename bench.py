@@ -862,7 +862,7 @@ def check_synthetic(args, device, sizes, out, left):
         return result
     resume.update(compare_runs(full, killed))
     a, b = read_rows(full), read_rows(killed)
-    strip = [[{k: v for k, v in row.items() if k != "img_per_s"} for row in rows] for rows in (a, b)]
+    strip = [[{k: v for k, v in row.items() if k not in ("img_per_s", "time_s")} for row in rows] for rows in (a, b)]
     resume["metrics_equal"] = strip[0] == strip[1]
     differing = [x["step"] for x, y in zip(*strip) if x != y]
     resume["first_differing_step"] = differing[0] if differing else None

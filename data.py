@@ -29,6 +29,7 @@ import hashlib
 import math
 import os
 import pickle
+import sys
 import tarfile
 import warnings
 from pathlib import Path
@@ -83,10 +84,12 @@ _already_warned: set[str] = set()
 
 
 def _warn_once(key: str, message: str) -> None:
-    # One warning per file and process: a bad file seen every epoch must not flood the log.
+    # One warning per file and process: a bad file seen every epoch must not flood the log. Our own
+    # line on stderr (a Python warning would add this file's name and line, which say nothing to a
+    # user), written past any progress bar.
     if key not in _already_warned:
         _already_warned.add(key)
-        warnings.warn(message, stacklevel=3)
+        tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -22,6 +22,7 @@ Shapes:
 """
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -177,6 +178,21 @@ def extract_features(encoder, loader, device) -> tuple[torch.Tensor, torch.Tenso
 # ----------------------------------------------------------------------------- checkpoint
 
 REQUIRED_CONFIG_KEYS = ("data", "model", "img_size", "patch_size")
+DEFAULT_CKPT = os.path.join("runs", "default", "ckpt.pt")
+
+
+def checkpoint_path(ckpt: str | None) -> str:
+    """--ckpt as a file: a run folder means its ckpt.pt; none means runs/default/ckpt.pt, after a
+    warning when another run under runs/ holds a newer checkpoint."""
+    if ckpt is None:
+        ckpt = DEFAULT_CKPT
+        newer = [path for path in glob.glob(os.path.join(os.path.dirname(os.path.dirname(ckpt)), "*", "ckpt.pt"))
+                 if os.path.isfile(ckpt) and os.path.getmtime(path) > os.path.getmtime(ckpt)]
+        if newer:
+            newest = os.path.dirname(max(newer, key=os.path.getmtime))
+            print(f"warning: no --ckpt: evaluating {ckpt}, though {newest} is newer (--ckpt {newest} evaluates that)",
+                  file=sys.stderr)
+    return os.path.join(ckpt, "ckpt.pt") if os.path.isdir(ckpt) else ckpt
 
 
 def load_checkpoint(path: str) -> dict:
@@ -349,7 +365,7 @@ def exit_usage(message: str) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Linear probe and k-NN on frozen JEPA features.")
-    parser.add_argument("--ckpt", default="runs/default/ckpt.pt", help="train.py checkpoint")
+    parser.add_argument("--ckpt", help=f"train.py checkpoint, or a run folder (default: {DEFAULT_CKPT})")
     parser.add_argument("--data", help="dataset (default: the checkpoint's)")
     parser.add_argument("--data-dir", help="where the dataset is (default: the checkpoint's)")
     parser.add_argument("--encoder", choices=("target", "context"), default="target", help="EMA target or context")
@@ -374,11 +390,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--limit must be at least 2 (standardising features needs two images), got {args.limit}")
     if args.workers is not None and args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        parser.error(f"--json {args.json}: its folder does not exist (the result is written there at the end)")
+    if args.json:
+        check_writable(args.json)
     if args.figure and not os.path.isdir(os.path.dirname(os.path.abspath(args.figure))):
         parser.error(f"--figure {args.figure}: its folder does not exist")
     return args
+
+
+def check_writable(path: str) -> None:
+    """Refuses, before any work, a --json file that could not be written at the end."""
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        exit_usage(f"--json {path}: its folder does not exist (the result is written there at the end)")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        exit_usage(f"--json {path}: cannot write there ({error.strerror}): pick another --json")
+    if not existed:
+        os.remove(path)
 
 
 def data_source(args: argparse.Namespace, config: dict) -> tuple[str, str | None]:
@@ -391,8 +421,11 @@ def data_source(args: argparse.Namespace, config: dict) -> tuple[str, str | None
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Features of both splits (cached), then both classifiers: the dict that main() reports."""
+    args.ckpt = checkpoint_path(args.ckpt)
     checkpoint = load_checkpoint(args.ckpt)
     config = checkpoint["config"]
+    print(f"evaluating {args.ckpt} (step {checkpoint['step']}, {config['model']} ViT, "
+          f"{'random init' if args.random_init else args.encoder + ' encoder'})")
     device = torch.device(runs.pick_device(args.device))
     encoder = build_frozen_encoder(checkpoint, args.encoder, args.random_init).to(device)
     args.data, args.data_dir = data_source(args, config)
@@ -405,6 +438,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     for split in ("train", "val"):
         dataset = build_dataset(args.data, args.data_dir, split, config["img_size"], augment=False,
                                 seed=config.get("seed", 0))
+        if split == "train" and args.k > min(len(dataset), args.limit or len(dataset)):
+            raise UsageError(f"--k {args.k} is more than the {min(len(dataset), args.limit or len(dataset))} "
+                             f"training images: lower --k")
         path = os.path.join(os.path.dirname(args.ckpt), f"features_{tag}_{split}.pt")
         features[split] = cached(None if args.no_cache else path, {**key, "dataset": fingerprint(dataset)},
                                  lambda: features_of_split(encoder, dataset, args, device))
@@ -417,7 +453,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     result = {"encoder": args.encoder, "random_init": args.random_init,
               "step": 0 if args.random_init else checkpoint["step"], "ckpt": args.ckpt,
               "data": args.data, "num_classes": num_classes, "num_train": len(train_x),
-              "num_val": len(val_x), "feature_dim": train_x.shape[1], "k": min(args.k, len(train_x)),
+              "num_val": len(val_x), "feature_dim": train_x.shape[1], "k": args.k,
               "linear_top1": linear["top1"], "knn_top1": topk_accuracy(knn_scores, val_y, 1),
               "best_weight_decay": linear["best_weight_decay"],
               "heldout_top1_by_weight_decay": linear["heldout_top1"]}

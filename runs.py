@@ -41,6 +41,10 @@ class UsageError(ValueError):
     """A problem with the command line or its inputs: reported in one line, exit code 2."""
 
 
+class NotACheckpoint(UsageError):
+    """A file that torch.save did not write: no *_prev.pt beside it stands in for it."""
+
+
 def exit_usage(message, program="train.py"):
     print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -80,7 +84,8 @@ def config_parser(config, none_means, epilog):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         elif field.name == "resume":
             parser.add_argument(flag, nargs="?", const="", default=None, metavar="PATH",
-                                help="continue OUT/ckpt.pt, or the checkpoint PATH")
+                                help="continue OUT/ckpt.pt, or the checkpoint PATH (a run folder: its ckpt.pt); "
+                                     "a run already at --steps says so, changes nothing and exits 0")
         else:
             parser.add_argument(flag, type=kind, default=field.default, help=f"default: {shown}")
     parser.error = exit_usage
@@ -137,7 +142,8 @@ class SeededItems(torch.utils.data.Dataset):
             # The CPU generator only: torch.manual_seed would also queue seeds for CUDA, XPU and MTIA,
             # recording a stack trace each time, which costs more than loading a small image.
             torch.default_generator.manual_seed(seed)
-            return self.dataset[index]
+            image, label, skipped = self.dataset[index]
+        return image, label, index if skipped else -1    # the index names the unreadable file (batches)
 
 
 class GlobalBatches(torch.utils.data.Sampler):
@@ -170,21 +176,19 @@ def device_batch(cfg, images, step, rank, world, device):
     return data.normalize(images)                                                       # (B, 3, H, W)
 
 
-def training_set(cfg, rank, world):
-    """The augmented training images, at least one global batch of them."""
-    if cfg.cache:
-        dataset = cached_training_set(cfg, rank, world)
-    else:
-        dataset = data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=True, seed=cfg.seed)
+def training_set(cfg):
+    """The training images, at least one global batch of them: augmented, or with --cache the source
+    that cached_training_set decodes once."""
+    dataset = data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=not cfg.cache,
+                                 seed=cfg.seed)
     if len(dataset) < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(dataset)} training images")
     return dataset
 
 
-def cached_training_set(cfg, rank, world):
-    """Decoded squares of side img_size / 0.875 read from a memmap in OUT/../cache (built once, by
-    rank 0), to be cropped and flipped on the device."""
-    source = data.build_dataset(cfg.data, cfg.data_dir, "train", cfg.img_size, augment=False, seed=cfg.seed)
+def cached_training_set(cfg, source, rank, world):
+    """Decoded squares of side img_size / 0.875 of the `source` images, read from a memmap in
+    OUT/../cache (built once, by rank 0), to be cropped and flipped on the device."""
     size = round(cfg.img_size / 0.875)
     name = os.path.basename(os.path.normpath(cfg.data))
     # The source in the name: two folders called "images", another seed's synthetic set, or a folder
@@ -204,13 +208,28 @@ def batches(cfg, dataset, progress, total, rank, world, device):
     """(epoch, uint8 images) of this process, from where `progress` stands in the data, until the
     last step or a stop signal. Counts the batches and the unreadable images skipped in them."""
     steps_per_epoch = len(dataset) // cfg.batch_size
-    progress.clock = time.perf_counter()
+    progress.clock = progress.started = time.perf_counter()
+    progress.start_step = progress.step
     while progress.step < total and not Stop.requested(device):
         epoch, start = divmod(progress.batches, steps_per_epoch)
-        for images, _, skipped in epoch_loader(cfg, dataset, rank, world, epoch, start):
+        for images, _, unreadable in epoch_loader(cfg, dataset, rank, world, epoch, start):
             progress.batches += 1
-            progress.counters["skipped_images"] += sum_over_ranks(int(skipped.sum()), device)  # each loads its rows
+            note_unreadable(progress, unreadable, device)
             yield epoch, images
+
+
+def note_unreadable(progress, indices, device):
+    """Adds the batch's unreadable files (dataset indices, -1 for a readable one), of every process (each
+    loads its own rows), to progress.unreadable: a file met again in a later epoch counts once."""
+    found = [int(index) for index in indices if index >= 0]
+    if not sum_over_ranks(len(found), device):
+        return
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, found)
+        found = [index for part in gathered for index in part]
+    progress.unreadable.update(found)
+    progress.counters["skipped_images"] = len(progress.unreadable)
 
 
 def epoch_loader(cfg, dataset, rank, world, epoch, start):
@@ -329,7 +348,13 @@ def read_checkpoint(path, mmap=False):
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip() is not None
     except (zipfile.BadZipFile, OSError):
-        raise UsageError(f"{path} is not a train.py checkpoint (not a zip archive)") from None
+        with open(path, "rb") as f:
+            start = f.read(4)
+        # torch.save writes a zip, which starts with PK\3\4: such a start without the zip's end is a cut write
+        if start and start != b"PK\x03\x04":
+            raise NotACheckpoint(f"{path} is not a checkpoint (torch.save did not write it)") from None
+        raise UsageError(f"{path} is truncated (its writing was cut short): train.py keeps the one before as "
+                         f"*_prev.pt") from None
     if damaged:
         raise UsageError(f"{path} is damaged (a CRC check failed): train.py keeps the one before as *_prev.pt")
     try:
@@ -340,18 +365,19 @@ def read_checkpoint(path, mmap=False):
 
 
 def load_checkpoint(path):
-    """(checkpoint, the path it came from): `path`, or `*_prev.pt` beside it when `path` is missing
-    or damaged."""
-    damaged = []
+    """(checkpoint, the path it came from, warnings to print once the run is accepted): `path`, or
+    `*_prev.pt` beside it when `path` is missing, damaged or truncated."""
+    damaged, notes = [], []
     for candidate in (path, previous_path(path)):
         if not os.path.isfile(candidate):
             continue
         try:
-            return read_checkpoint(candidate), candidate
-        except UsageError:
+            return read_checkpoint(candidate), candidate, notes
+        except NotACheckpoint:
+            raise
+        except UsageError as error:
             damaged.append(candidate)
-        fallback = "; trying the previous one" if candidate == path and os.path.isfile(previous_path(path)) else ""
-        print(f"warning: checkpoint {candidate} is damaged or not a checkpoint{fallback}", file=sys.stderr)
+            notes.append(f"warning: {error}")
     if damaged:
         raise UsageError(f"no usable checkpoint at {path}: move {' and '.join(damaged)} away to start afresh, "
                          f"or point --resume at another checkpoint")
@@ -367,53 +393,84 @@ def complete_rows(lines):
             continue
 
 
-def trim_metrics(path, step):
-    """Drop log lines after `step`: a resumed run rewrites them, so the file equals an uninterrupted run's."""
-    if os.path.exists(path):
-        with open(path) as f:
+def trim_metrics(source, path, step):
+    """OUT/metrics.jsonl as the rows of `source` up to `step`: a resumed run rewrites the later ones, so
+    the file equals an uninterrupted run's; a fork starts from the rows of the run it continues."""
+    kept = []
+    if os.path.exists(source):
+        with open(source) as f:
             kept = [line for line, row in complete_rows(f) if row["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
-def plot_curves(metrics_path, png_path, keys=("loss", "l2", "sigreg", "effective_rank")):
+TITLES = {"loss": "loss", "l2": "L2 prediction error", "sigreg": "SIGReg", "effective_rank": "effective rank"}
+
+
+def plot_curves(metrics_path, png_path, keys=tuple(TITLES)):
     """A PNG with one panel per metric against the step, drawn with Pillow (no matplotlib)."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
     with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        rows = [row for _, row in complete_rows(f)]
     if not rows:
         return
-    width, height, margin = 360, 220, 40
+    width, height = 420, 280
     image = Image.new("RGB", (width * len(keys), height), "white")
     draw = ImageDraw.Draw(image)
-    steps = [r["step"] for r in rows]
+    font = ImageFont.load_default(size=14)
     for panel, key in enumerate(keys):
-        values = [r[key] for r in rows]
-        low, high = min(values), max(values)
-        span = (high - low) or 1.0
-        x0 = panel * width + margin
-        points = [(x0 + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (width - 1.5 * margin),
-                   height - margin - (v - low) / span * (height - 2 * margin)) for s, v in zip(steps, values)]
-        draw.rectangle([x0, margin, x0 + width - 1.5 * margin, height - margin], outline=(180, 180, 180))
-        if len(points) > 1:
-            draw.line(points, fill=(40, 90, 200), width=2)
-        else:  # a run with one logged step: a dot
-            x, y = points[0]
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(40, 90, 200))
-        draw.text((x0, 10), f"{key}  ({values[-1]:.4g} at step {steps[-1]})", fill="black")
-        draw.text((x0 - 35, margin - 6), f"{high:.3g}", fill="black")
-        draw.text((x0 - 35, height - margin - 6), f"{low:.3g}", fill="black")
-        draw.text((x0, height - margin + 8), str(steps[0]), fill="black")
-        draw.text((x0 + width / 2 - 40, height - margin + 8), "step", fill="black")
-        draw.text((x0 + width - 1.5 * margin - 20, height - margin + 8), str(steps[-1]), fill="black")
+        draw_panel(draw, font, (panel * width, 0, width, height), key, [(r["step"], r[key]) for r in rows])
     image.save(png_path)
+
+
+def axis(values):
+    """(to_unit, ticks, log) for a panel's y axis: a log scale where the values are positive and span
+    two decades or more, else a linear one. to_unit maps a value to [0, 1]; ticks are (value, label)."""
+    low, high = min(values), max(values)
+    if low > 0 and high / low >= 100:
+        low_log, high_log = math.log10(low), math.log10(high)
+        ticks = [(10.0 ** e, f"1e{e}") for e in range(math.ceil(low_log), math.floor(high_log) + 1)]
+        return lambda v: (math.log10(v) - low_log) / (high_log - low_log), ticks, True
+    if high == low:
+        return lambda v: 0.5, [(low, f"{low:.3g}")], False
+    step = 10.0 ** math.floor(math.log10((high - low) / 4))
+    step *= next(m for m in (1, 2, 5, 10) if (high - low) / (step * m) <= 5)      # 2 to 5 round ticks
+    decimals = max(0, -math.floor(math.log10(step)))
+    ticks = [(i * step, f"{i * step:.{decimals}f}") for i in range(math.ceil(low / step), math.floor(high / step) + 1)]
+    return lambda v: (v - low) / (high - low), ticks, False
+
+
+def draw_panel(draw, font, box, key, points):
+    """One metric's panel: title with the last value, y ticks (log where axis says), the step axis."""
+    left, top, width, height = box
+    x0, x1, y0, y1 = left + 70, left + width - 20, top + 40, top + height - 45
+    first, last = points[0][0], points[-1][0]
+    to_unit, ticks, log = axis([v for _, v in points])
+    to_x = (lambda s: x0 + (s - first) / (last - first) * (x1 - x0)) if last > first else (lambda s: (x0 + x1) / 2)
+    to_y = lambda v: y1 - to_unit(v) * (y1 - y0)
+    draw.rectangle([x0, y0, x1, y1], outline=(180, 180, 180))
+    for value, label in ticks:
+        draw.line([x0 - 4, to_y(value), x0, to_y(value)], fill="black")
+        draw.text((x0 - 8, to_y(value)), label, fill="black", font=font, anchor="rm")
+    xy = [(to_x(s), to_y(v)) for s, v in points]
+    if len(xy) > 1:
+        draw.line(xy, fill=(40, 90, 200), width=2)
+    else:  # a run with one logged step: a dot
+        draw.ellipse([xy[0][0] - 4, xy[0][1] - 4, xy[0][0] + 4, xy[0][1] + 4], fill=(40, 90, 200))
+    scale = " (log scale)" if log else ""
+    draw.text((x0, top + 12), f"{TITLES.get(key, key)}{scale}: {points[-1][1]:.4g} at step {last}", fill="black",
+              font=font)
+    for step, anchor in ((first, "la"), (last, "ra")):
+        draw.text((to_x(step), y1 + 6), str(step), fill="black", font=font, anchor=anchor)
+    draw.text(((x0 + x1) / 2, y1 + 24), "step", fill="black", font=font, anchor="ma")
 
 
 # ----------------------------------------------------------------------------- the run
 
 class Stop:
-    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the end of the current step."""
+    """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint at the end of the current step. A second
+    Ctrl-C stops at once (KeyboardInterrupt): checkpoints are written atomically, the last one stays whole."""
     signal_number = None
 
     @classmethod
@@ -425,13 +482,22 @@ class Stop:
         return bool(flag)
 
     @classmethod
+    def handle(cls, number, frame):
+        if number == signal.SIGINT and cls.signal_number is not None:
+            raise KeyboardInterrupt
+        cls.signal_number = number
+        if number == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+            # os.write, not print: a handler can run in the middle of a print to the same stream
+            os.write(2, b"\ntrain.py: stopping after this step; Ctrl-C again to stop now\n")
+
+    @classmethod
     @contextlib.contextmanager
     def handling(cls):
-        """Within the block, SIGINT and SIGTERM set the flag; the previous handlers come back after it."""
+        """Within the block, SIGINT and SIGTERM go to Stop.handle; the previous handlers come back after it."""
         cls.signal_number = None
         previous = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
         for number in previous:
-            signal.signal(number, lambda n, frame: setattr(cls, "signal_number", n))
+            signal.signal(number, cls.handle)
         try:
             yield
         finally:
@@ -480,45 +546,117 @@ def setup_distributed(cfg):
     return rank, world
 
 
-def open_run(cfg, rank):
-    """The checkpoint to resume from (None for a fresh run). Refuses to overwrite a run's checkpoints
-    without --resume, and to resume into a different architecture; warns when the resumed run will
-    not follow the stored one exactly."""
+def default_out(resume):
+    """--out when it is not given: the folder of the run that --resume PATH continues, else runs/default."""
+    if not resume:
+        return "runs/default"
+    return resume if os.path.isdir(resume) else os.path.dirname(resume) or "."
+
+
+def open_run(cfg, total, rank):
+    """(checkpoint or None for a fresh run, the run folder it came from). Refuses to overwrite a run's
+    checkpoints without --resume, and to resume into a different architecture or past --steps; exits
+    at once when the run is already finished. Only then creates OUT and prints the warnings."""
     ckpt_path = os.path.join(cfg.out, "ckpt.pt")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out} is a file, not a folder: pick another --out")
-    try:
-        os.makedirs(cfg.out, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"--out {cfg.out}: cannot create the folder ({error.strerror}): pick another --out") from None
     holds_a_run = os.path.exists(ckpt_path) or os.path.exists(previous_path(ckpt_path))
-    if cfg.resume is None:
-        if holds_a_run:
-            raise UsageError(f"{cfg.out} already holds a checkpoint: add --resume to continue it, "
-                             f"or pick another --out")
-        return None
+    if cfg.resume is None and holds_a_run:
+        raise UsageError(f"{cfg.out} already holds a checkpoint: {advice_for_a_taken_folder(cfg, ckpt_path)}")
+    checkpoint, source, notes, damaged = None, cfg.out, [], False
+    if cfg.resume is not None:
+        checkpoint, source, notes, damaged = resumed_checkpoint(cfg, total, ckpt_path, holds_a_run, rank)
+    prepare_folder(cfg.out)
+    if rank == 0:
+        for note in notes:
+            print(note, file=sys.stderr)
+        if damaged:  # set aside, or the next save would rotate the damaged ckpt.pt over the good *_prev.pt
+            os.replace(ckpt_path, damaged_path(ckpt_path))
+    return checkpoint, source
+
+
+def advice_for_a_taken_folder(cfg, ckpt_path):
+    """What to do when OUT holds a run and --resume is absent: --resume only where it would be accepted."""
+    try:
+        changed = architecture_changes(read_checkpoint(ckpt_path, mmap=True)["config"], cfg)
+    except (UsageError, KeyError, TypeError):  # damaged or foreign: --resume says more
+        changed = ""
+    if changed:
+        return f"a run of another architecture ({changed}): pick another --out"
+    return "add --resume to continue it, or pick another --out"
+
+
+def architecture_changes(stored, cfg):
+    """The ARCHITECTURE fields where the stored config and cfg differ, as text ("" where none do)."""
+    return ", ".join(f"{k}={stored[k]} there, {getattr(cfg, k)} here" for k in ARCHITECTURE
+                     if stored[k] != getattr(cfg, k))
+
+
+def resumed_checkpoint(cfg, total, ckpt_path, holds_a_run, rank):
+    """open_run's checks of --resume: (checkpoint, its run folder, warnings to print, whether OUT/ckpt.pt
+    is damaged and the run goes on from the *_prev.pt beside it)."""
     asked = os.path.join(cfg.resume, "ckpt.pt") if os.path.isdir(cfg.resume) else cfg.resume or ckpt_path
     if holds_a_run and os.path.dirname(os.path.abspath(asked)) != os.path.abspath(cfg.out):
         raise UsageError(f"{cfg.out} already holds a checkpoint of its own: pick another --out to continue {asked}")
-    checkpoint, used = load_checkpoint(asked)
+    checkpoint, used, notes = load_checkpoint(asked)
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise UsageError(f"--resume {used} is not a train.py checkpoint: it lacks {', '.join(missing)}")
     stored = checkpoint["config"]
-    changed = [k for k in ARCHITECTURE if stored[k] != getattr(cfg, k)]
-    if changed:
-        raise UsageError(f"--resume {used}: the checkpoint has another architecture ("
-                         + ", ".join(f"{k}={stored[k]} there, {getattr(cfg, k)} here" for k in changed) + ")")
+    if changed := architecture_changes(stored, cfg):
+        raise UsageError(f"--resume {used}: the checkpoint has another architecture ({changed})")
+    if checkpoint["step"] > total:
+        raise UsageError(f"the checkpoint is at step {checkpoint['step']}, but this run has only {total} steps: "
+                         f"raise --steps or --epochs")
+    if checkpoint["step"] == total:
+        if rank == 0:
+            print(f"train.py: {used} is already finished at step {total}: nothing to do (raise --steps or "
+                  f"--epochs to train it further)")
+        teardown()
+        sys.exit(0)
     # .get: a field added after the checkpoint was written (e.g. clip_grad) was None, its default, then
     changed = [f"{k}={stored.get(k)} -> {getattr(cfg, k)}" for k in TRAJECTORY if stored.get(k) != getattr(cfg, k)]
-    if changed and rank == 0:
-        print(f"warning: resuming with changed settings ({', '.join(changed)}): the run will not continue "
-              f"exactly as it started", file=sys.stderr)
-    if rank == 0 and used != asked and os.path.abspath(asked) == os.path.abspath(ckpt_path) and os.path.exists(asked):
-        # this run's ckpt.pt is damaged: set it aside, or the next save would rotate it over the good *_prev.pt
-        os.replace(ckpt_path, damaged_path(ckpt_path))
-        print(f"warning: moved the damaged {ckpt_path} to {damaged_path(ckpt_path)}", file=sys.stderr)
-    return checkpoint
+    if changed:
+        notes.append(f"warning: resuming with changed settings ({', '.join(changed)}): the run will not continue "
+                     f"exactly as it started")
+    damaged = used != asked and os.path.abspath(asked) == os.path.abspath(ckpt_path) and os.path.exists(asked)
+    if damaged:
+        notes.append(f"warning: moved the damaged {ckpt_path} to {damaged_path(ckpt_path)}")
+    return checkpoint, os.path.dirname(used) or ".", notes, damaged
+
+
+CREATED_FOLDERS = []  # made by prepare_folder in this process, deepest first
+
+
+def prepare_folder(out):
+    """Creates OUT and any missing folder above it (remembered, to be removed again if the run fails
+    while they are empty), and checks that files can be written in it."""
+    missing, folder = [], os.path.abspath(out)
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    probe = os.path.join(out, f".write_check_{os.getpid()}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        CREATED_FOLDERS.extend(missing)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"--out {out}: cannot write there ({error.strerror}): pick another --out") from None
+
+
+@contextlib.contextmanager
+def removing_new_empty_folders():
+    """A run that fails leaves no empty folder behind: of those prepare_folder made, the empty ones go."""
+    CREATED_FOLDERS.clear()
+    try:
+        yield
+    except BaseException:
+        for folder in CREATED_FOLDERS:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only an empty folder goes
+        raise
 
 
 def without_resume(argv):
@@ -541,10 +679,18 @@ class Progress:
     step: int = 0
     batches: int = 0
     counters: dict = dataclasses.field(default_factory=lambda: {"skipped_images": 0, "skipped_steps": 0})
+    unreadable: set = dataclasses.field(default_factory=set)    # dataset indices of the unreadable files met
+    seconds: float = 0.0            # training time of the earlier processes of this run
     # not saved: a resumed run starts a new row of non-finite steps and a new img/s measurement
     bad_in_row: int = 0
     clock: float = 0.0
     images_seen: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    start_step: int = 0
+
+    def elapsed(self):
+        """Seconds this run has trained, over all its processes."""
+        return self.seconds + time.perf_counter() - self.started
 
 
 def process_device(cfg, rank):
@@ -557,10 +703,11 @@ def process_device(cfg, rank):
     return device
 
 
-def restore(checkpoint, state, total, out, rank):
+def restore(checkpoint, source, state, out, rank):
     """The Progress of a resumed run, after loading `state` (name -> module or optimizer) and the CPU
-    generator from `checkpoint`; a fresh run (checkpoint None) starts at 0. On rank 0, metrics.jsonl
-    keeps the rows up to the checkpoint's step, so the file equals an uninterrupted run's."""
+    generator from `checkpoint`, which came from the run folder `source`; a fresh run (checkpoint None)
+    starts at 0. On rank 0, OUT/metrics.jsonl becomes the source's rows up to the checkpoint's step, so
+    the file equals an uninterrupted run's."""
     metrics_path = os.path.join(out, "metrics.jsonl")
     if checkpoint is None:
         if rank == 0 and os.path.exists(metrics_path):
@@ -568,13 +715,11 @@ def restore(checkpoint, state, total, out, rank):
         return Progress()
     for name, module in state.items():
         module.load_state_dict(checkpoint[name])
-    progress = Progress(checkpoint["step"], checkpoint["batches"], checkpoint["counters"])
-    if progress.step > total:
-        raise UsageError(f"the checkpoint is at step {progress.step}, but this run has only {total} steps: "
-                         f"raise --steps or --epochs")
+    progress = Progress(checkpoint["step"], checkpoint["batches"], checkpoint["counters"],
+                        set(checkpoint.get("unreadable", [])), checkpoint.get("seconds", 0.0))
     torch.set_rng_state(checkpoint["rng"])
     if rank == 0:
-        trim_metrics(metrics_path, progress.step)
+        trim_metrics(os.path.join(source, "metrics.jsonl"), metrics_path, progress.step)
     return progress
 
 
@@ -584,23 +729,55 @@ def save_run(cfg, state, progress, rank, world):
         save_checkpoint(os.path.join(cfg.out, "ckpt.pt"), {
             "config": dataclasses.asdict(cfg), "git_commit": git_commit(), "step": progress.step,
             "batches": progress.batches, "counters": dict(progress.counters),
+            "unreadable": sorted(progress.unreadable), "seconds": progress.elapsed(),
             **{name: module.state_dict() for name, module in state.items()},
             "rng": torch.get_rng_state(), "torch_version": str(torch.__version__)})
     if world > 1:
         dist.barrier()
 
 
-def announce(cfg, images, total, networks, device, world):
-    """OUT/config.json, and what is about to run. networks: context encoder and predictor."""
-    sizes = [model.count_params(network) for network in networks]
+def announce(cfg, recipe, images, total, networks, device, world):
+    """OUT/config.json, and a summary of what is about to run. networks: context encoder and predictor."""
+    sizes = [model.count_params(network) / 1e6 for network in networks]
     with open(os.path.join(cfg.out, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
-    print(f"{images} images, {images // cfg.batch_size} steps/epoch, {total} steps; encoder {sizes[0] / 1e6:.2f}M, "
-          f"predictor {sizes[1] / 1e6:.2f}M params; device {device}, {world} process(es)")
+    where = f"{world} processes on {device.type}" if world > 1 else str(device)
+    print(f"train.py: --data {cfg.data}, recipe {recipe} (every setting in {cfg.out}/config.json)\n"
+          f"  {cfg.model} ViT, {cfg.img_size} px, patch {cfg.patch_size}: encoder {sizes[0]:.3g}M + predictor "
+          f"{sizes[1]:.3g}M params\n"
+          f"  {total} steps of {cfg.batch_size} images ({images} images, {images // cfg.batch_size} steps/epoch), "
+          f"lr {cfg.lr:g}, lam {cfg.lam:g}; {where}, {cfg.precision}")
     if cfg.compile and cfg.device == "cpu":
         print("--compile: the first steps compile the graphs, minutes on a CPU; inductor's disk cache "
               "makes later runs start faster")
+
+
+def estimate(progress, total, after=5):
+    """One line with the time the rest of the run should take, once `after` steps of this process are
+    done; none where the run ends within seconds anyway."""
+    done = progress.step - progress.start_step
+    if done == after:
+        left = (time.perf_counter() - progress.started) / done * (total - progress.step)
+        if left >= 10:
+            tqdm.write(f"train.py: about {duration(left)} to go for the {total - progress.step} steps left")
+
+
+def duration(seconds):
+    """Seconds as a short reading: 42s, 3m 05s, 2h 07m."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def out_of_memory(args, error):
+    """The line for an out-of-memory `error` (else re-raises it), naming the size flags the command line
+    set, or both. Checkpoints are written atomically: those already on disk stay whole."""
+    on_gpu = isinstance(error, torch.OutOfMemoryError)
+    if not (on_gpu or isinstance(error, MemoryError) or "can't allocate memory" in str(error)):
+        raise error
+    flags = [flag for flag in ("--batch-size", "--img-size") if getattr(args, flag[2:].replace("-", "_")) is not None]
+    return (f"out of {'GPU ' if on_gpu else ''}memory: lower {' or '.join(flags or ['--batch-size', '--img-size'])}; "
+            f"checkpoints already written are kept")
 
 
 def skipped_step(cfg, state, progress, rank, world):
@@ -610,8 +787,9 @@ def skipped_step(cfg, state, progress, rank, world):
     if progress.bad_in_row >= cfg.max_bad_steps:
         save_run(cfg, state, progress, rank, world)
         raise FloatingPointError(
-            f"{progress.bad_in_row} non-finite steps in a row at step {progress.step}: lower --lr, try "
-            f"--precision fp32, or check the data; the last good state is in {cfg.out}/ckpt.pt")
+            f"{progress.bad_in_row} non-finite steps in a row at step {progress.step}: lower --lr"
+            f"{', try --precision fp32' if cfg.precision == 'bf16' else ''}, or check the data; the last good "
+            f"state is in {cfg.out}/ckpt.pt")
 
 
 def finish(cfg, progress, total, rank):
@@ -626,8 +804,9 @@ def finish(cfg, progress, total, rank):
     if rank == 0:
         plot_curves(os.path.join(cfg.out, "metrics.jsonl"), os.path.join(cfg.out, "curves.png"))
         graphs = f"{torch._dynamo.utils.counters['stats']['unique_graphs']} compiled graphs; " if cfg.compile else ""
-        print(f"done: {progress.step} steps, {progress.counters['skipped_steps']} skipped steps, "
-              f"{progress.counters['skipped_images']} unreadable images skipped; {graphs}checkpoint {ckpt_path}")
+        print(f"done: {progress.step} steps in {duration(progress.elapsed())}, {progress.counters['skipped_steps']} "
+              f"skipped steps, {progress.counters['skipped_images']} unreadable images skipped; {graphs}checkpoint "
+              f"{ckpt_path}\nnext: python eval_probe.py --ckpt {shlex.quote(ckpt_path)}")
 
 
 def teardown():
@@ -642,23 +821,23 @@ def teardown():
 
 # ----------------------------------------------------------------------------- metrics
 
-def log_row(step, epoch, out, schedule, img_per_s, counters):
-    """One metrics.jsonl row; loss terms are averaged over processes."""
+def log_row(step, epoch, out, schedule, img_per_s, counters, seconds):
+    """One metrics.jsonl row; loss terms are averaged over processes. time_s: the run's training time."""
     terms = torch.stack([t.detach().float() for t in (out.loss, out.l2, out.sigreg)])
     loss, l2, regularizer = mean_over_ranks(terms).tolist()
     std, effective_rank = feature_health(out.pooled_targets)
     lr, weight_decay, momentum = schedule
     return {"step": step, "epoch": epoch, "loss": loss, "l2": l2, "sigreg": regularizer, "lr": lr,
             "weight_decay": weight_decay, "momentum": momentum, "grad_norm": out.grad_norm.item(),
-            "img_per_s": img_per_s, "feature_std": std, "effective_rank": effective_rank, **counters}
+            "img_per_s": img_per_s, "feature_std": std, "effective_rank": effective_rank, **counters,
+            "time_s": round(seconds, 3)}
 
 
-def log_step(cfg, progress, epoch, out, schedule, bar, rank):
-    """Show the step's numbers on the progress bar; on rank 0 append them to OUT/metrics.jsonl and
-    warn when the target features look collapsed. img/s counts the images since the last log."""
+def log_step(cfg, progress, epoch, out, schedule, rank):
+    """On rank 0, append the step's numbers to OUT/metrics.jsonl and warn when the target features
+    look collapsed. img/s counts the images since the last log."""
     img_per_s = progress.images_seen / (time.perf_counter() - progress.clock)
-    row = log_row(progress.step, epoch, out, schedule, img_per_s, progress.counters)
-    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.0f}")
+    row = log_row(progress.step, epoch, out, schedule, img_per_s, progress.counters, progress.elapsed())
     if rank == 0:
         write_row(os.path.join(cfg.out, "metrics.jsonl"), row)
         # The effective rank of B pooled features is at most B - 1: a rank below 2 says collapse only

@@ -18,10 +18,8 @@ M target blocks, R = B * M predictor rows, T tokens per target block (padded), D
 import copy
 import dataclasses
 import math
-import os
 import signal
 import sys
-import time
 from typing import NamedTuple
 
 import torch
@@ -94,7 +92,7 @@ class Config:
     compile: bool = False
     device: str = "auto"            # auto | cpu | cuda | mps
     seed: int = 0
-    out: str = "runs/default"
+    out: str = None                 # None = runs/default, or the folder of the run --resume PATH continues
     resume: str = None              # --resume: continue OUT/ckpt.pt; --resume PATH: that checkpoint
     ckpt_every: int = 500           # optimizer steps between checkpoints (and one at the end)
     log_every: int = 50
@@ -103,7 +101,7 @@ class Config:
 # What None means for the fields whose None is not "the dataset's or the preset's value" (--help).
 NONE_MEANS = {"data_dir": "looked up (see data.py)", "workers": "min(8, CPU cores) on a GPU, 0 on CPU",
               "steps": "none: --epochs decides", "clip_grad": "none: no clipping",
-              "precision": "bf16 on CUDA, fp32 elsewhere"}
+              "precision": "bf16 on CUDA, fp32 elsewhere", "out": "runs/default, or --resume PATH's folder"}
 
 
 def recipes_text():
@@ -118,12 +116,12 @@ def recipes_text():
 
 
 def recipe(cfg):
-    """The defaults for cfg's dataset on cfg's device (DATASET_DEFAULTS, then CPU_RECIPES on a CPU).
-    A recipe's fixed --steps gives way when the command line sets --epochs."""
+    """The defaults for cfg's dataset on cfg's device (DATASET_DEFAULTS, then CPU_RECIPES on a CPU), with
+    the recipe's name. A recipe's fixed --steps gives way when the command line sets --epochs."""
     kind = cfg.data if cfg.data in ("synthetic", "cifar10", "imagenet100") else "folder"
-    chosen = dict(DATASET_DEFAULTS[kind])
-    if cfg.device == "cpu":
-        chosen.update(CPU_RECIPES.get(kind, {}))
+    chosen = dict(DATASET_DEFAULTS[kind], name=kind)
+    if cfg.device == "cpu" and kind in CPU_RECIPES:
+        chosen.update(CPU_RECIPES[kind], name=f"{kind} CPU")
     if cfg.epochs is not None:
         chosen.pop("steps", None)
     return chosen
@@ -131,8 +129,8 @@ def recipe(cfg):
 
 def resolve(cfg):
     """Fill the None fields from the dataset and device defaults, then check every value."""
-    cfg = dataclasses.replace(cfg, device=runs.pick_device(cfg.device))
-    defaults = {k: v for k, v in recipe(cfg).items() if k != "measured"}
+    cfg = dataclasses.replace(cfg, device=runs.pick_device(cfg.device), out=cfg.out or runs.default_out(cfg.resume))
+    defaults = {k: v for k, v in recipe(cfg).items() if k not in ("measured", "name")}
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     if cfg.workers is None:
         cfg.workers = runs.default_workers(cfg.device)
@@ -285,20 +283,21 @@ def train(cfg):
     """Run the training described by `cfg` (already resolved). Returns the output folder."""
     rank, world = runs.setup_distributed(cfg)
     device = runs.process_device(cfg, rank)
-    checkpoint = runs.open_run(cfg, rank)
-    dataset = runs.training_set(cfg, rank, world)
+    dataset = runs.training_set(cfg)                    # the data's checks come before the run folder's
     total = cfg.steps or cfg.epochs * (len(dataset) // cfg.batch_size)
+    checkpoint, source = runs.open_run(cfg, total, rank)
+    dataset = runs.cached_training_set(cfg, dataset, rank, world) if cfg.cache else dataset
     context_encoder, predictor, target_encoder = (m.to(device) for m in build_models(cfg))
     optimizer = build_optimizer(cfg, context_encoder, predictor)
     state = dict(context_encoder=context_encoder, predictor=predictor, target_encoder=target_encoder,
                  optimizer=optimizer)
-    progress = runs.restore(checkpoint, state, total, cfg.out, rank)
+    progress = runs.restore(checkpoint, source, state, cfg.out, rank)
     nets = [DistributedDataParallel(m) if world > 1 else m for m in (context_encoder, predictor)] + [target_encoder]
     nets = [torch.compile(m) for m in nets] if cfg.compile else nets
     params = [p for m in (context_encoder, predictor) for p in m.parameters()]
     grid = (cfg.img_size // cfg.patch_size,) * 2
     if rank == 0:
-        runs.announce(cfg, len(dataset), total, (context_encoder, predictor), device, world)
+        runs.announce(cfg, recipe(cfg)["name"], len(dataset), total, (context_encoder, predictor), device, world)
     with runs.Stop.handling(), tqdm(total=total, initial=progress.step, disable=rank != 0, dynamic_ncols=True) as bar:
         for epoch, images in runs.batches(cfg, dataset, progress, total, rank, world, device):
             lr, weight_decay, momentum = schedule = schedules(cfg, progress.step, total)
@@ -313,9 +312,11 @@ def train(cfg):
             else:
                 progress.bad_in_row, progress.step = 0, progress.step + 1
                 progress.images_seen += images.shape[0] * world
+                bar.set_postfix(loss=f"{out.loss.item():.4f}", refresh=False)
                 bar.update(1)
+                runs.estimate(progress, total)
                 if progress.step % cfg.log_every == 0 or progress.step == total:
-                    runs.log_step(cfg, progress, epoch, out, schedule, bar, rank)
+                    runs.log_step(cfg, progress, epoch, out, schedule, rank)
             stop = runs.Stop.requested(device)  # also during a run of skipped steps
             if stop or (out is not None and (progress.step % cfg.ckpt_every == 0 or progress.step == total)):
                 runs.save_run(cfg, state, progress, rank, world)
@@ -330,9 +331,10 @@ def train(cfg):
 def main(argv=None):
     args = runs.config_parser(Config, NONE_MEANS, recipes_text()).parse_args(argv)
     try:
-        train(resolve(Config(**vars(args))))
-    except torch.OutOfMemoryError:  # checkpoints are written atomically: the last one on disk stays whole
-        runs.exit_usage("out of GPU memory: lower --batch-size (or --img-size); checkpoints already written are kept")
+        with runs.removing_new_empty_folders():
+            train(resolve(Config(**vars(args))))
+    except (RuntimeError, MemoryError) as error:  # out of memory, or re-raised: other errors are bugs
+        runs.exit_usage(runs.out_of_memory(args, error))
     except (ValueError, data.DataError) as error:  # a runs.UsageError is a ValueError
         # An error raised in a DataLoader worker arrives wrapped: its own message is the last line.
         runs.exit_usage(str(error).strip().splitlines()[-1].removeprefix("data.DataError: "))
