@@ -41,7 +41,7 @@ import runs
 # CIFAR. Short runs hold the EMA momentum at 0.99: rising to 1, the target would stop following early.
 DATASET_DEFAULTS = {
     "synthetic": dict(model="nano", img_size=32, patch_size=4, batch_size=64, epochs=2, lr=2e-3, ema=0.99,
-                      ema_end=0.99, measured=False),
+                      ema_end=0.99, measured=True),
     "cifar10": dict(model="tiny", img_size=32, patch_size=4, batch_size=256, epochs=100, lr=1e-3, ema=0.996,
                     ema_end=1.0, measured=False),
     "imagenet100": dict(model="small", img_size=224, patch_size=16, batch_size=256, epochs=100, lr=5e-4,
@@ -49,7 +49,7 @@ DATASET_DEFAULTS = {
 }
 DATASET_DEFAULTS["folder"] = DATASET_DEFAULTS["imagenet100"]
 CPU_RECIPES = {
-    "cifar10": dict(model="nano", batch_size=64, steps=3200, lr=2e-3, ema=0.99, ema_end=0.99, measured=False),
+    "cifar10": dict(model="nano", batch_size=64, steps=3200, lr=2e-3, ema=0.99, ema_end=0.99, measured=True),
 }
 
 
