@@ -1,7 +1,7 @@
 """Train an image JEPA: context encoder + predictor learn by one loss, the target encoder follows by EMA.
 
     python train.py                                   # synthetic images, nano ViT, a few CPU minutes
-    python train.py --data cifar10                    # nano ViT, 3,200 steps on a CPU; tiny, 100 epochs on a GPU
+    python train.py --data cifar10                    # nano ViT, 4,000 steps on a CPU; tiny, 100 epochs on a GPU
     python train.py --data imagenet100                # ViT-S/16 at 224 px on one GPU
     torchrun --nproc_per_node=N train.py ...          # several GPUs (DDP)
 
@@ -49,7 +49,7 @@ DATASET_DEFAULTS = {
 }
 DATASET_DEFAULTS["folder"] = DATASET_DEFAULTS["imagenet100"]
 CPU_RECIPES = {
-    "cifar10": dict(model="nano", batch_size=64, steps=3200, lr=2e-3, ema=0.99, ema_end=0.99, measured=True),
+    "cifar10": dict(model="nano", batch_size=64, steps=4000, lr=2e-3, ema=0.99, ema_end=0.99, measured=True),
 }
 
 
