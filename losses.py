@@ -108,7 +108,7 @@ def prediction_loss(predictions, targets, valid):
     return _world_size() * error.pow(2).mean(-1).sum() / count
 
 
-def jepa_loss(predictions, targets, target_valid, embeddings, lam=0.05, num_slices=256, generator=None,
+def jepa_loss(predictions, targets, target_valid, embeddings, lam=0.1, num_slices=256, generator=None,
               directions=None):
     """The single training loss:  L = (1 - lam) * L_pred + lam * SIGReg(embeddings).
 

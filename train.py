@@ -71,7 +71,7 @@ class Config:
     pred_depth: int = None
     pred_heads: int = None
     # loss: (1 - lam) * L2 + lam * SIGReg; one lam for every dataset, batch and resolution
-    lam: float = 0.05
+    lam: float = 0.1                # the λ sweep's value (docs/results.md); LeJEPA uses 0.05 on pooled views
     num_slices: int = 256
     sigreg_on: str = "tokens"       # tokens | pooled: which context embeddings SIGReg tests
     # optimisation (AdamW; schedules as in I-JEPA: warmup + cosine lr, cosine wd 0.04 -> 0.4, ema 0.996 -> 1)
