@@ -24,7 +24,9 @@ shrinks like 1/S under the null). As a loss that factor makes SIGReg's gradient 
 the prediction loss, a mean over target tokens, does not; on patch tokens S runs from about a thousand
 (CIFAR-10, batch 32) to 25,000 (ImageNet at 224 px, batch 256), so the right lambda would move with
 batch size, image size, patch size and process count. Without it both terms are means over their
-samples and one lambda balances them at any S. It is the discrepancy for which LeJEPA's bounds are
+samples, so lambda does not scale with S (docs/results.md sweeps it over an 8-fold range of S by
+batch size; other resolutions are not swept). Under DDP the loss is exactly the one-process loss on
+the global batch, so the process count does not move it either. It is the discrepancy for which LeJEPA's bounds are
 stated (Theorems 4 and 6, bias O(1/S)); dividing by the collapse value only fixes the unit.
 """
 import argparse
@@ -115,8 +117,8 @@ def jepa_loss(predictions, targets, target_valid, embeddings, lam=0.1, num_slice
     L_pred compares the predictor's outputs with the target (EMA) encoder's features at the target
     patches; it pulls the context and target views together. SIGReg pushes the context encoder's
     embeddings towards N(0, I), which rules out the collapsed solution (all features equal) that
-    L_pred alone admits. Both are means over their samples (see the module docstring), so lam sets
-    the same balance at any batch size, resolution or number of processes.
+    L_pred alone admits. Both are means over their samples (see the module docstring), so lam does
+    not scale with the number of tokens S or of processes.
 
     Which embeddings: train.py passes the context encoder's outputs at the real (unpadded) visible
     tokens, one row per token (`--sigreg-on tokens`, the default: every token is a feature the

@@ -299,13 +299,27 @@ def test_encoder_runs_at_another_resolution_and_rejects_bad_sizes():
         model.build_encoder("nano", 30, 4)
 
 
+def trained_like_(encoder, seed):
+    """Weights at the scale training reaches rather than init's std 0.02: linear maps of unit gain
+    (std 1/sqrt(fan_in)), norm gains spread around 1, biases around 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * p[0].numel() ** -0.5)
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+    return encoder
+
+
 def test_bf16_autocast_keeps_the_residual_stream_in_fp32():
     """Under bf16 autocast only the matmuls inside the blocks run in bf16 (as in ViT and I-JEPA): a
-    block's input is fp32, and a 12-layer ViT-S-width encoder (standard init) stays within 0.5 % of
-    its fp32 output (relative norm of the difference). Measured: 0.25 % over seeds 0-2 with the fp32
-    stream, 1.05 % with the stream cast to bf16 after the position embedding."""
+    block's input is fp32, and a 12-layer ViT-S-width encoder with trained-scale weights stays within
+    0.8 % of its fp32 output (relative norm of the difference; docs/performance.md has the margins)."""
     torch.manual_seed(0)
-    encoder = model.Encoder(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    encoder = trained_like_(model.Encoder(patch_size=16, embed_dim=384, depth=12, num_heads=6), seed=0)
     images = torch.randn(4, 3, 64, 64)
     seen = []
     for block in encoder.blocks:
@@ -315,7 +329,7 @@ def test_bf16_autocast_keeps_the_residual_stream_in_fp32():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = encoder(images)
     assert seen == [torch.float32] * 24                   # 12 blocks, fp32 run and bf16 run
-    assert (low.float() - full).norm() / full.norm() < 5e-3
+    assert (low.float() - full).norm() / full.norm() < 8e-3
 
 
 def test_analytic_flops_match_torch_flop_counter():
@@ -1340,6 +1354,30 @@ def test_pooled_embeddings_average_the_real_tokens_only():
     pooled = train.pool_tokens(poisoned, valid)
     expected = torch.stack([tokens[b][valid[b]].mean(0) for b in range(3)])
     torch.testing.assert_close(pooled, expected)
+
+
+def test_sigreg_on_pooled_tests_one_row_per_image_end_to_end(tmp_path, monkeypatch):
+    """--sigreg-on pooled hands SIGReg the B mean-pooled context rows (padding excluded), not the
+    tokens, and a run with it trains to finite losses."""
+    cfg = train.resolve(train.Config(model="nano", depth=2, batch_size=8, num_slices=16, sigreg_on="pooled"))
+    nets = train.build_models(cfg)
+    step_masks = train.sample_step_masks(cfg, 0, (8, 8), 0, 1, torch.device("cpu"))
+    seen = []
+    real_loss = losses.jepa_loss
+    monkeypatch.setattr(losses, "jepa_loss", lambda *args, **kw: seen.append(args[3]) or real_loss(*args, **kw))
+    images = torch.randn(8, 3, 32, 32)
+    result = train.forward_loss(cfg, nets, images, step_masks, 0, (8, 8))
+    context_idx, context_valid = step_masks[:2]
+    with torch.no_grad():
+        context = nets[0](images, context_idx, context_valid)                                  # (B, K, D)
+    expected = torch.stack([context[b][context_valid[b]].mean(0) for b in range(8)])           # (B, D)
+    assert seen[0].shape == (8, nets[0].embed_dim) and bool(torch.isfinite(result.loss))
+    torch.testing.assert_close(seen[0].detach(), expected)
+    monkeypatch.undo()
+    run_train(tmp_path, "--steps", "2", "--sigreg-on", "pooled")
+    rows = read_metrics(tmp_path)
+    assert [row["skipped_steps"] for row in rows] == [0, 0]
+    assert all(math.isfinite(row["loss"]) and row["sigreg"] > 0 for row in rows)
 
 
 def test_small_batches_warn_of_collapse_only_where_the_rank_can_show_it(tmp_path, monkeypatch, capsys):

@@ -49,7 +49,7 @@ DATASET_DEFAULTS = {
 }
 DATASET_DEFAULTS["folder"] = DATASET_DEFAULTS["imagenet100"]
 CPU_RECIPES = {
-    "cifar10": dict(model="nano", batch_size=64, steps=4000, lr=2e-3, ema=0.99, ema_end=0.99, measured=True),
+    "cifar10": dict(model="nano", batch_size=64, steps=4000, lr=3e-3, ema=0.99, ema_end=0.99, measured=True),
 }
 
 
@@ -70,7 +70,7 @@ class Config:
     pred_dim: int = None
     pred_depth: int = None
     pred_heads: int = None
-    # loss: (1 - lam) * L2 + lam * SIGReg; one lam for every dataset, batch and resolution
+    # loss: (1 - lam) * L2 + lam * SIGReg; SIGReg has no factor S, so lam does not scale with the batch
     lam: float = 0.1                # the λ sweep's value (docs/results.md); LeJEPA uses 0.05 on pooled views
     num_slices: int = 256
     sigreg_on: str = "tokens"       # tokens | pooled: which context embeddings SIGReg tests
@@ -100,7 +100,7 @@ class Config:
 
 # What None means for the fields whose None is not "the dataset's or the preset's value" (--help).
 NONE_MEANS = {"data_dir": "looked up (see data.py)", "workers": "min(8, CPU cores) on a GPU, 0 on CPU",
-              "steps": "none: --epochs decides", "clip_grad": "none: no clipping",
+              "steps": "the recipe's if it sets steps, else --epochs decides", "clip_grad": "none: no clipping",
               "precision": "bf16 on CUDA, fp32 elsewhere", "out": "runs/default, or --resume PATH's folder"}
 
 
@@ -112,6 +112,7 @@ def recipes_text():
             shown = ", ".join(f"{k}={v}" for k, v in values.items() if k != "measured")
             status = "measured, 3 seeds (docs/results.md)" if values["measured"] else "UNMEASURED"
             lines.append(f"  {name}{device}: {shown}  [{status}]")
+    lines.append("  (--device mps runs the GPU recipes; add --device cpu there for the measured CPU recipe)")
     return "\n".join(lines)
 
 
