@@ -26,8 +26,9 @@ the prediction loss, a mean over target tokens, does not; on patch tokens S runs
 batch size, image size, patch size and process count. Without it both terms are means over their
 samples, so lambda does not scale with S (docs/results.md sweeps it over an 8-fold range of S by
 batch size; other resolutions are not swept). Under DDP the loss is exactly the one-process loss on
-the global batch, so the process count does not move it either. It is the discrepancy for which LeJEPA's bounds are
-stated (Theorems 4 and 6, bias O(1/S)); dividing by the collapse value only fixes the unit.
+the global batch, so the process count does not move it either. It is the discrepancy for which
+LeJEPA's bounds are stated (Theorems 4 and 6, bias O(1/S)); dividing by the collapse value only
+fixes the unit.
 """
 import argparse
 

@@ -316,20 +316,24 @@ def trained_like_(encoder, seed):
 
 def test_bf16_autocast_keeps_the_residual_stream_in_fp32():
     """Under bf16 autocast only the matmuls inside the blocks run in bf16 (as in ViT and I-JEPA): a
-    block's input is fp32, and a 12-layer ViT-S-width encoder with trained-scale weights stays within
-    0.8 % of its fp32 output (relative norm of the difference; docs/performance.md has the margins)."""
+    block's input is fp32, and a 12-layer ViT-S-width encoder stays within 0.5 % of its fp32 output
+    at init and within 0.8 % with trained-scale weights (relative norm of the difference;
+    docs/performance.md has the margins)."""
     torch.manual_seed(0)
-    encoder = trained_like_(model.Encoder(patch_size=16, embed_dim=384, depth=12, num_heads=6), seed=0)
+    encoder = model.Encoder(patch_size=16, embed_dim=384, depth=12, num_heads=6)
     images = torch.randn(4, 3, 64, 64)
     seen = []
     for block in encoder.blocks:
         block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
-    with torch.no_grad():
-        full = encoder(images)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = encoder(images)
-    assert seen == [torch.float32] * 24                   # 12 blocks, fp32 run and bf16 run
-    assert (low.float() - full).norm() / full.norm() < 8e-3
+    for weights, tolerance in (("init", 5e-3), ("trained scale", 8e-3)):
+        if weights == "trained scale":
+            trained_like_(encoder, seed=0)
+        with torch.no_grad():
+            full = encoder(images)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = encoder(images)
+        assert (low.float() - full).norm() / full.norm() < tolerance, weights
+    assert seen == [torch.float32] * 48                   # 12 blocks, fp32 and bf16 runs, both weights
 
 
 def test_analytic_flops_match_torch_flop_counter():

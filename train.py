@@ -106,13 +106,12 @@ NONE_MEANS = {"data_dir": "looked up (see data.py)", "workers": "min(8, CPU core
 
 def recipes_text():
     """The recipes as --help lists them, each marked measured or not."""
-    lines = ["recipes (the defaults of each --data; a flag you give wins):"]
+    lines = ["recipes (the defaults of each --data; a flag you give wins; --device mps takes the GPU ones):"]
     for device, table in (("", DATASET_DEFAULTS), (" on a CPU", CPU_RECIPES)):
         for name, values in table.items():
             shown = ", ".join(f"{k}={v}" for k, v in values.items() if k != "measured")
             status = "measured, 3 seeds (docs/results.md)" if values["measured"] else "UNMEASURED"
             lines.append(f"  {name}{device}: {shown}  [{status}]")
-    lines.append("  (--device mps runs the GPU recipes; add --device cpu there for the measured CPU recipe)")
     return "\n".join(lines)
 
 
